@@ -1,0 +1,276 @@
+"""The attention kernel and T5's multi-head (or multi-query) attention.
+
+`dot_product_attention` is the project's one attention kernel: full, local (blocked),
+transient-global and CoLT5's routed heavy attention all call it, so masking, float32
+softmax and the no-NaN guarantee for rows that may attend to nothing live in one place.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Large and finite: -inf would turn an all-masked row into NaN.
+_MASK_VALUE = -1e10
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    bias=None,
+    mask=None,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    dtype: Dtype = jnp.float32,
+):
+  """softmax(q·kᵀ + bias) · v, with T5's conventions.
+
+  There is no 1/sqrt(head_dim) factor: T5 folds it into the query initialisation.
+  Query heads are split into `kv_heads` groups that share a key/value head, which covers
+  multi-head (kv_heads = heads), grouped and multi-query (kv_heads = 1) attention.
+
+  Args:
+    query: [*batch, q, heads, head_dim]. `*batch` may be several dims (batch, blocks).
+    key: [*batch, k, kv_heads, head_dim].
+    value: [*batch, k, kv_heads, head_dim].
+    bias: broadcastable to [*batch, heads, q, k]; added to the logits in float32.
+    mask: bool, broadcastable to [*batch, heads, q, k]; True where attending is allowed.
+      A query whose row is all False gets an output of exactly 0.
+    dropout_rng: PRNG key for attention-weight dropout.
+    dropout_rate: dropout on the attention weights (T5 applies it there).
+    deterministic: disables dropout.
+    dtype: dtype of the returned activations.
+
+  Returns:
+    [*batch, q, heads, head_dim] in `dtype`.
+  """
+  *batch_dims, q_len, num_heads, head_dim = query.shape
+  k_len, num_kv_heads = key.shape[-3], key.shape[-2]
+  if key.shape != value.shape:
+    raise ValueError(f"key {key.shape} and value {value.shape} shapes differ")
+  if key.shape[-1] != head_dim:
+    raise ValueError(f"query head_dim {head_dim} != key head_dim {key.shape[-1]}")
+  if num_heads % num_kv_heads:
+    raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads")
+  groups = num_heads // num_kv_heads
+
+  grouped_query = query.reshape(*batch_dims, q_len, num_kv_heads, groups, head_dim)
+  logits = jnp.einsum(
+      "...qhgd,...khd->...hgqk",
+      grouped_query,
+      key,
+      preferred_element_type=jnp.float32,
+  ).reshape(*batch_dims, num_heads, q_len, k_len)
+  logits = jnp.asarray(logits, jnp.float32)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    # Rows with no allowed key would otherwise spread uniformly over masked keys.
+    weights = jnp.where(mask, weights, 0.0)
+  if not deterministic and dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng")
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  weights = jnp.asarray(weights, dtype).reshape(*batch_dims, num_kv_heads, groups, q_len, k_len)
+  out = jnp.einsum("...hgqk,...khd->...qhgd", weights, jnp.asarray(value, dtype))
+  return out.reshape(*batch_dims, q_len, num_heads, head_dim)
+
+
+def make_attention_mask(query_mask, key_mask):
+  """[batch, q] and [batch, k] bool -> [batch, 1, q, k]: both query and key are valid."""
+  return jnp.logical_and(query_mask[:, None, :, None], key_mask[:, None, None, :])
+
+
+def make_segment_mask(query_segment_ids, key_segment_ids):
+  """[batch, q] and [batch, k] int -> [batch, 1, q, k]: same packed segment."""
+  return jnp.equal(query_segment_ids[:, None, :, None], key_segment_ids[:, None, None, :])
+
+
+def make_causal_mask(query_positions, key_positions):
+  """[batch, q] and [batch, k] positions -> [batch, 1, q, k]: key not after query."""
+  return jnp.greater_equal(query_positions[:, None, :, None], key_positions[:, None, None, :])
+
+
+def default_kernel_init() -> Initializer:
+  """t5x's attention initialiser (fan-in, normal)."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+
+class _HeadsToEmbed(nn.Module):
+  """Output projection [..., heads, head_dim] -> [..., features] (param `kernel`)."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x, features: int):
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+        (*x.shape[-2:], features),
+        self.param_dtype,
+    )
+    return jnp.einsum("...hd,hde->...e", jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype))
+
+
+class MultiHeadAttention(nn.Module):
+  """T5 attention with separate query and key/value head counts.
+
+  `num_kv_heads=None` is multi-head attention; `num_kv_heads=1` is multi-query attention
+  (one shared key/value head), which CoLT5 uses for decoder cross-attention (§3.3) to cut
+  the memory traffic of decoding over 16k-token inputs.
+
+  Other attention variants (local, transient-global, CoLT5's routed heavy branch) reuse
+  this module's projections through `project_query`, `project_key_value` and
+  `project_output`, so every variant has the same parameter layout:
+  `query/kernel` [embed, heads, kv], `key/kernel` and `value/kernel`
+  [embed, kv_heads, kv], `out/kernel` [heads, kv, embed].
+
+  Attributes:
+    num_heads: query heads.
+    head_dim: per-head width (64 in every T5 size).
+    num_kv_heads: key/value heads; None means `num_heads`.
+    dtype: activation dtype.
+    dropout_rate: dropout on the attention weights.
+    kernel_init: initialiser of the projections. The query projection is further scaled
+      by 1/sqrt(head_dim), T5's replacement for scaling the logits.
+  """
+
+  num_heads: int
+  head_dim: int = 64
+  num_kv_heads: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  kernel_init: Initializer = default_kernel_init()
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def setup(self):
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}"
+      )
+    depth_scaling = self.head_dim**0.5
+
+    def query_init(*args):
+      return self.kernel_init(*args) / depth_scaling
+
+    def projection(features, axes, init):
+      return nn.DenseGeneral(
+          features=features,
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(init, axes),
+      )
+
+    self.query = projection((self.num_heads, self.head_dim), ("embed", "heads", "kv"), query_init)
+    # A single key/value head cannot be split over the model axis: name it apart so the
+    # sharding rules replicate it.
+    head_axis = "heads" if self.kv_heads == self.num_heads else "kv_heads"
+    kv_axes = ("embed", head_axis, "kv")
+    self.key = projection((self.kv_heads, self.head_dim), kv_axes, self.kernel_init)
+    self.value = projection((self.kv_heads, self.head_dim), kv_axes, self.kernel_init)
+    self.out = _HeadsToEmbed(self.dtype, self.param_dtype, self.kernel_init)
+
+  def project_query(self, x):
+    """[batch, q, embed] -> [batch, q, heads, head_dim]."""
+    return self.query(x)
+
+  def project_key_value(self, x):
+    """[batch, k, embed] -> key, value, each [batch, k, kv_heads, head_dim]."""
+    return self.key(x), self.value(x)
+
+  def project_output(self, attended, embed_dim: int):
+    """[batch, q, heads, head_dim] -> [batch, q, embed_dim]."""
+    return self.out(attended, embed_dim)
+
+  def dropout_rng(self, enable_dropout: bool):
+    """The attention-dropout key, or None when dropout is off."""
+    if enable_dropout and self.dropout_rate > 0.0:
+      return self.make_rng("dropout")
+    return None
+
+  def attend(self, query, key, value, *, mask=None, bias=None, enable_dropout=False):
+    """The kernel with this module's dtype and dropout; shapes as `dot_product_attention`."""
+    return dot_product_attention(
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        dropout_rng=self.dropout_rng(enable_dropout),
+        dropout_rate=self.dropout_rate,
+        deterministic=not enable_dropout,
+        dtype=self.dtype,
+    )
+
+  def __call__(
+      self,
+      inputs_q,
+      inputs_kv,
+      *,
+      mask=None,
+      bias=None,
+      enable_dropout: bool = False,
+      decode: bool = False,
+  ):
+    """Attends from `inputs_q` [batch, q, embed] to `inputs_kv` [batch, k, embed].
+
+    Args:
+      mask: bool [batch|1, 1|heads, q, k], True = may attend.
+      bias: [batch|1, heads, q, k] added to the logits (relative position bias).
+      enable_dropout: apply attention-weight dropout ('dropout' rng).
+      decode: autoregressive self-attention with a cache. The first call (made by
+        `init` with a full-length input) only creates the cache `[batch, length,
+        kv_heads, head_dim]`; each later call takes one token (q = 1), writes its key and
+        value at `cache_index`, and attends to the cache up to it. `mask` and `bias`
+        then have k = the cache length.
+
+    Returns:
+      [batch, q, embed].
+    """
+    query = self.project_query(inputs_q)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key, value = self.project_key_value(inputs_kv)
+
+    if decode:
+      is_initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        max_length = cached_key.value.shape[1]
+        if query.shape[1] != 1:
+          raise ValueError(
+              f"decode=True steps take one token at a time, got {query.shape[1]} tokens"
+          )
+        index = cache_index.value
+        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + 1
+        # Only positions already written are keys; later cache slots are still zeros.
+        written = (jnp.arange(max_length) <= index)[None, None, None, :]
+        mask = written if mask is None else jnp.logical_and(mask, written)
+
+    attended = self.attend(
+        query, key, value, mask=mask, bias=bias, enable_dropout=enable_dropout
+    )
+    return self.project_output(attended, inputs_q.shape[-1])

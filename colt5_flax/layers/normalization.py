@@ -1,0 +1,40 @@
+"""T5's layer normalisation: RMS scaling, no mean subtraction, no bias."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm, as T5 (`T5LayerNorm`) computes it.
+
+  The statistics are always computed in float32, whatever `dtype` the activations use,
+  because bfloat16 sums of squares over a 768..2048 wide embedding lose too many bits.
+
+  Attributes:
+    epsilon: added to the mean square; 1e-6 in T5.
+    dtype: dtype of the output activations.
+    param_dtype: dtype of the `scale` parameter (float32).
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """Normalises `x` [..., embed] over its last axis; returns [..., embed] in `dtype`."""
+    features = x.shape[-1]
+    x32 = jnp.asarray(x, jnp.float32)
+    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jnp.reciprocal(jnp.sqrt(mean_square + self.epsilon))
+    scale = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        (features,),
+        self.param_dtype,
+    )
+    return jnp.asarray(y * jnp.asarray(scale, jnp.float32), self.dtype)
