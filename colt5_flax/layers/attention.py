@@ -108,6 +108,42 @@ def default_kernel_init() -> Initializer:
   return nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
+class KeyValueCache(nn.Module):
+  """Autoregressive key/value cache in the `cache` collection (t5x layout).
+
+  The first call (from `init` with full-length inputs) creates `cached_key` and
+  `cached_value` [batch, length, kv_heads, head_dim] and `cache_index`; each later call
+  writes one step's key and value at `cache_index` and advances it.
+  """
+
+  @nn.compact
+  def __call__(self, key, value):
+    """key, value [batch, 1, kv_heads, head_dim] -> the whole cache and its valid-key mask.
+
+    Returns:
+      (key, value, mask): during the initialising call the inputs and None; then the
+      cache [batch, length, kv_heads, head_dim] twice and a bool mask [1, 1, 1, length]
+      of the slots written so far (this step included).
+    """
+    is_initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not is_initialized:
+      return key, value, None
+    if key.shape[1] != 1:
+      raise ValueError(f"decode=True steps take one token at a time, got {key.shape[1]} tokens")
+    max_length = cached_key.value.shape[1]
+    index = cache_index.value
+    key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+    value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+    cached_key.value, cached_value.value = key, value
+    cache_index.value = index + 1
+    # Later cache slots are still zeros: they are not keys yet.
+    written = (jnp.arange(max_length) <= index)[None, None, None, :]
+    return key, value, written
+
+
 class _HeadsToEmbed(nn.Module):
   """Output projection [..., heads, head_dim] -> [..., features] (param `kernel`)."""
 
@@ -123,7 +159,8 @@ class _HeadsToEmbed(nn.Module):
         (*x.shape[-2:], features),
         self.param_dtype,
     )
-    return jnp.einsum("...hd,hde->...e", jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype))
+    kernel = jnp.asarray(kernel, self.dtype)
+    return jnp.einsum("...hd,hde->...e", jnp.asarray(x, self.dtype), kernel)
 
 
 class MultiHeadAttention(nn.Module):
@@ -188,6 +225,7 @@ class MultiHeadAttention(nn.Module):
     self.key = projection((self.kv_heads, self.head_dim), kv_axes, self.kernel_init)
     self.value = projection((self.kv_heads, self.head_dim), kv_axes, self.kernel_init)
     self.out = _HeadsToEmbed(self.dtype, self.param_dtype, self.kernel_init)
+    self.kv_cache = KeyValueCache()
 
   def project_query(self, x):
     """[batch, q, embed] -> [batch, q, heads, head_dim]."""
@@ -251,23 +289,8 @@ class MultiHeadAttention(nn.Module):
     key, value = self.project_key_value(inputs_kv)
 
     if decode:
-      is_initialized = self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if is_initialized:
-        max_length = cached_key.value.shape[1]
-        if query.shape[1] != 1:
-          raise ValueError(
-              f"decode=True steps take one token at a time, got {query.shape[1]} tokens"
-          )
-        index = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
-        cached_key.value, cached_value.value = key, value
-        cache_index.value = index + 1
-        # Only positions already written are keys; later cache slots are still zeros.
-        written = (jnp.arange(max_length) <= index)[None, None, None, :]
+      key, value, written = self.kv_cache(key, value)
+      if written is not None:
         mask = written if mask is None else jnp.logical_and(mask, written)
 
     attended = self.attend(

@@ -1,0 +1,164 @@
+"""The attention kernel and MultiHeadAttention against a numpy softmax-attention loop."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colt5_flax.layers import attention
+
+
+def _numpy_attention(query, key, value, bias=None, mask=None):
+  """Per-(batch, head, query) loop; `kv_heads` groups of consecutive query heads."""
+  batch, q_len, heads, _ = query.shape
+  kv_heads = key.shape[2]
+  out = np.zeros(query.shape, np.float64)
+  for b in range(batch):
+    for h in range(heads):
+      kv = h // (heads // kv_heads)
+      for i in range(q_len):
+        logits = key[b, :, kv] @ query[b, i, h]
+        if bias is not None:
+          logits = logits + np.broadcast_to(bias, (batch, heads, q_len, key.shape[1]))[b, h, i]
+        allowed = (
+            np.ones(key.shape[1], bool)
+            if mask is None
+            else np.broadcast_to(mask, (batch, heads, q_len, key.shape[1]))[b, h, i]
+        )
+        if not allowed.any():
+          continue  # A query with nothing to attend to outputs zeros.
+        logits = np.where(allowed, logits, -np.inf)
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        out[b, i, h] = weights @ value[b, :, kv]
+  return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_kernel_matches_numpy(kv_heads):
+  rng = np.random.default_rng(0)
+  query = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  key = rng.normal(size=(2, 7, kv_heads, 3)).astype(np.float32)
+  value = rng.normal(size=(2, 7, kv_heads, 3)).astype(np.float32)
+  bias = rng.normal(size=(1, 4, 5, 7)).astype(np.float32)
+  mask = rng.random(size=(2, 1, 5, 7)) > 0.3
+  mask[1, 0, 2, :] = False  # One query row that may attend to nothing.
+  got = attention.dot_product_attention(query, key, value, bias=bias, mask=mask)
+  expected = _numpy_attention(query, key, value, bias, mask)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[1, 2] == 0.0)
+
+
+def test_kernel_extra_leading_dims_and_no_nan_gradient():
+  rng = np.random.default_rng(1)
+  query = rng.normal(size=(2, 3, 4, 2, 5)).astype(np.float32)  # [batch, blocks, q, h, d]
+  key = rng.normal(size=(2, 3, 6, 2, 5)).astype(np.float32)
+  mask = np.zeros((2, 3, 1, 4, 6), bool)  # Nothing may be attended anywhere.
+  mask[0, 1] = True
+
+  def loss(q):
+    return jnp.sum(attention.dot_product_attention(q, key, key, mask=mask) ** 2)
+
+  value, grad = jax.value_and_grad(loss)(query)
+  assert np.isfinite(value) and np.all(np.isfinite(np.asarray(grad)))
+  expected = _numpy_attention(query[0, 1:2], key[0, 1:2], key[0, 1:2])[0]
+  got = attention.dot_product_attention(query, key, key, mask=mask)
+  np.testing.assert_allclose(np.asarray(got)[0, 1], expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got)[1], 0.0)
+
+
+def test_kernel_bfloat16_softmax_in_float32():
+  rng = np.random.default_rng(2)
+  query = rng.normal(size=(1, 4, 2, 8)).astype(np.float32) * 4
+  key = rng.normal(size=(1, 64, 2, 8)).astype(np.float32) * 4
+  value = rng.normal(size=(1, 64, 2, 8)).astype(np.float32)
+  got = attention.dot_product_attention(
+      jnp.asarray(query, jnp.bfloat16),
+      jnp.asarray(key, jnp.bfloat16),
+      jnp.asarray(value, jnp.bfloat16),
+      dtype=jnp.bfloat16,
+  )
+  assert got.dtype == jnp.bfloat16
+  expected = _numpy_attention(
+      *(np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (query, key, value))
+  )
+  np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=5e-2)
+
+
+def test_kernel_rejects_bad_head_grouping():
+  with pytest.raises(ValueError, match="3 query heads cannot share 2"):
+    attention.dot_product_attention(
+        np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 2, 4)), np.zeros((1, 2, 2, 4))
+    )
+
+
+def _plain(variables):
+  return jax.tree.map(
+      lambda p: np.asarray(p.value if hasattr(p, "value") else p),
+      variables["params"],
+      is_leaf=lambda p: hasattr(p, "names"),
+  )
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_multi_head_attention_matches_numpy(num_kv_heads):
+  module = attention.MultiHeadAttention(num_heads=4, head_dim=3, num_kv_heads=num_kv_heads)
+  rng = np.random.default_rng(3)
+  inputs_q = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  inputs_kv = rng.normal(size=(2, 7, 6)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(0), inputs_q, inputs_kv)
+  p = _plain(variables)
+  mask = attention.make_attention_mask(
+      np.ones((2, 5), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
+  )
+  got = module.apply(variables, inputs_q, inputs_kv, mask=mask)
+  query = np.einsum("bqe,ehd->bqhd", inputs_q, p["query"]["kernel"])
+  key = np.einsum("bke,ehd->bkhd", inputs_kv, p["key"]["kernel"])
+  value = np.einsum("bke,ehd->bkhd", inputs_kv, p["value"]["kernel"])
+  attended = _numpy_attention(query, key, value, mask=np.asarray(mask))
+  expected = np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"])
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+  kv_shape = (6, 4 if num_kv_heads is None else 1, 3)
+  assert p["key"]["kernel"].shape == kv_shape
+
+
+def test_query_initialisation_is_scaled_by_head_dim():
+  module = attention.MultiHeadAttention(num_heads=8, head_dim=64)
+  x = jnp.ones((1, 1, 256))
+  p = _plain(module.init(jax.random.PRNGKey(0), x, x))
+  # fan-in normal: std 1/sqrt(256) for keys; queries further divided by sqrt(64).
+  np.testing.assert_allclose(p["key"]["kernel"].std(), 1 / 16, rtol=0.05)
+  np.testing.assert_allclose(p["query"]["kernel"].std(), 1 / 16 / 8, rtol=0.05)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_decode_cache_matches_causal_attention(num_kv_heads):
+  module = attention.MultiHeadAttention(num_heads=2, head_dim=4, num_kv_heads=num_kv_heads)
+  rng = np.random.default_rng(4)
+  length = 6
+  x = rng.normal(size=(2, length, 8)).astype(np.float32)
+  bias = rng.normal(size=(1, 2, length, length)).astype(np.float32)
+  variables = module.init(jax.random.PRNGKey(0), x, x)
+  causal = np.tril(np.ones((length, length), bool))[None, None]
+  full = module.apply(variables, x, x, mask=causal, bias=bias)
+
+  cache = module.init(jax.random.PRNGKey(0), x, x, decode=True)["cache"]
+  step = jax.jit(
+      functools.partial(module.apply, decode=True, mutable=["cache"]),
+  )
+  outputs = []
+  for i in range(length):
+    out, mutated = step(
+        {"params": variables["params"], "cache": cache},
+        x[:, i : i + 1],
+        x[:, i : i + 1],
+        bias=bias[:, :, i : i + 1],
+    )
+    cache = mutated["cache"]
+    outputs.append(out)
+  np.testing.assert_allclose(
+      np.concatenate(outputs, axis=1), np.asarray(full), rtol=1e-5, atol=1e-5
+  )
+  assert int(cache["kv_cache"]["cache_index"]) == length

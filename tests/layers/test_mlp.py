@@ -1,0 +1,54 @@
+"""GatedMlp against numpy's gated-GELU."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colt5_flax.layers.mlp import GatedMlp
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def test_gated_mlp_matches_numpy():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  wi_0 = rng.normal(size=(6, 10)).astype(np.float32) * 0.3
+  wi_1 = rng.normal(size=(6, 10)).astype(np.float32) * 0.3
+  wo = rng.normal(size=(10, 6)).astype(np.float32) * 0.3
+  expected = (_gelu_tanh(x @ wi_0) * (x @ wi_1)) @ wo
+  got = GatedMlp(hidden_dim=10).apply({"params": {"wi_0": wi_0, "wi_1": wi_1, "wo": wo}}, x)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_mlp_matches_transformers_gelu_new():
+  torch = pytest.importorskip("torch")
+  from transformers.activations import NewGELUActivation
+
+  x = np.linspace(-5, 5, 101).astype(np.float32)
+  reference = NewGELUActivation()(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(jax.nn.gelu(x, approximate=True)), reference, atol=1e-6)
+
+
+def test_gated_mlp_parameter_axes_and_dropout():
+  module = GatedMlp(hidden_dim=12, dropout_rate=0.5)
+  x = jnp.ones((1, 3, 4))
+  variables = module.init(jax.random.PRNGKey(0), x)
+  names = jax.tree.map(
+      lambda p: p.names, variables["params"], is_leaf=lambda p: hasattr(p, "names")
+  )
+  assert names == {"wi_0": ("embed", "mlp"), "wi_1": ("embed", "mlp"), "wo": ("mlp", "embed")}
+  deterministic = module.apply(variables, x)
+  dropped = module.apply(
+      variables, x, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(1)}
+  )
+  assert not np.allclose(np.asarray(deterministic), np.asarray(dropped))
+
+
+def test_gated_mlp_rejects_unknown_activation():
+  with pytest.raises(ValueError, match="swish2"):
+    GatedMlp(hidden_dim=4, activation="swish2").init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
