@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from colt5_flax.layers import relative_position
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -297,3 +299,47 @@ class MultiHeadAttention(nn.Module):
         query, key, value, mask=mask, bias=bias, enable_dropout=enable_dropout
     )
     return self.project_output(attended, inputs_q.shape[-1])
+
+
+class SelfAttention(MultiHeadAttention):
+  """T5.1.1's full bidirectional self-attention, in the encoder self-attention interface.
+
+  Every encoder attention (this one, `LocalSelfAttention`, `TransientGlobalSelfAttention`,
+  `ConditionalAttention`) has the same interface, so the encoder swaps them through one
+  factory:
+    - `relative_bias_spec()` names the stack-shared relative-position tables the module
+      reads and their head counts; the stack creates one table per name and passes them
+      all to every layer.
+    - `__call__(x, *, rel_embeddings, mask, segment_ids, enable_dropout)`.
+
+  Attributes (beyond MultiHeadAttention's):
+    num_buckets, max_distance: T5 relative position buckets (32, 128).
+  """
+
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  def relative_bias_spec(self) -> dict[str, int]:
+    """{table name: heads} of the stack-shared relative-position tables this reads."""
+    return {"self_attention": self.num_heads}
+
+  def __call__(self, x, *, rel_embeddings, mask=None, segment_ids=None, enable_dropout=False):
+    """x [batch, length, embed]; mask [batch, length] bool; returns [batch, length, embed].
+
+    `segment_ids` [batch, length] keeps packed examples apart.
+    """
+    positions = jnp.arange(x.shape[1])
+    bias = relative_position.bias_from_embedding(
+        rel_embeddings["self_attention"],
+        relative_position.relative_positions(positions, positions),
+        bidirectional=True,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+    )[None]
+    attention_mask = None
+    if mask is not None:
+      attention_mask = make_attention_mask(mask, mask)
+    if segment_ids is not None:
+      segments = make_segment_mask(segment_ids, segment_ids)
+      attention_mask = segments if attention_mask is None else attention_mask & segments
+    return super().__call__(x, x, mask=attention_mask, bias=bias, enable_dropout=enable_dropout)

@@ -48,8 +48,13 @@ class GatedMlp(nn.Module):
   hidden_axis_name: str = "mlp"
 
   @nn.compact
-  def __call__(self, x, *, enable_dropout: bool = False):
-    """Maps `x` [..., embed] to [..., embed]."""
+  def __call__(self, x, *, mask=None, enable_dropout: bool = False):
+    """Maps `x` [..., embed] to [..., embed].
+
+    `mask` is accepted and unused (every token gets the dense MLP) so that a dense and a
+    conditional feedforward are interchangeable behind one factory.
+    """
+    del mask
     if self.activation not in _ACTIVATIONS:
       raise ValueError(
           f"GatedMlp.activation={self.activation!r}; expected one of {sorted(_ACTIVATIONS)}"

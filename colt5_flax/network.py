@@ -1,0 +1,562 @@
+"""The encoder-decoder network: CoLT5, LongT5 and T5.1.1 under one t5x module contract.
+
+The encoder's attention and feedforward are factories (flaxformer style), so gin picks
+the architecture: `attention.SelfAttention` + `mlp.GatedMlp` is T5.1.1,
+`local_attention.LocalSelfAttention` LongT5-local, `TransientGlobalSelfAttention`
+LongT5-TGlobal, and `conditional.ConditionalAttention` +
+`conditional.ConditionalFeedForward` CoLT5 (§3). Conditional computation is in the encoder
+only: the decoder is T5.1.1, with multi-query cross-attention by default (CoLT5 §3.3).
+
+`EncoderDecoder` follows t5x's module contract (`__call__`, `encode`, `decode`, a `cache`
+collection), so it drops into t5x's `EncoderDecoderModel` unchanged.
+"""
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from colt5_flax.layers import attention, relative_position
+from colt5_flax.layers.mlp import GatedMlp
+from colt5_flax.layers.normalization import RMSNorm
+
+Dtype = Any
+ModuleFactory = Callable[..., nn.Module]
+
+# jax.checkpoint policies by the names gin uses (`REMAT_POLICY = 'dots_saveable'`).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def _dropout(rate: float) -> nn.Dropout:
+  # t5x drops whole embedding vectors' coordinates identically along the length axis.
+  return nn.Dropout(rate=rate, broadcast_dims=(-2,))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm residual block: x + attention(norm(x)), then x + feedforward(norm(x)).
+
+  With `attention_factory=ConditionalAttention` and
+  `feed_forward_factory=ConditionalFeedForward` this is the CoLT5 layer (§3): the layer
+  norm's output is what both the light and the heavy branch, and their routers, see.
+
+  Attributes:
+    attention_factory: builds an encoder self-attention (interface of
+      `attention.SelfAttention`).
+    feed_forward_factory: builds a feedforward called as `ff(x, mask=, enable_dropout=)`.
+    dropout_rate: residual dropout (0.1 in fine-tuning, 0 in pretraining).
+  """
+
+  attention_factory: ModuleFactory
+  feed_forward_factory: ModuleFactory
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, segment_ids, rel_embeddings, enable_dropout: bool = False):
+    """x [batch, length, embed] -> [batch, length, embed]; mask [batch, length] bool.
+
+    Positional arguments only, so that `nn.scan` and `nn.remat` can wrap the layer.
+    """
+    deterministic = not enable_dropout
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    h = RMSNorm(dtype=self.dtype, name="pre_attention_layer_norm")(x)
+    h = self.attention_factory(name="attention")(
+        h,
+        rel_embeddings=rel_embeddings,
+        mask=mask,
+        segment_ids=segment_ids,
+        enable_dropout=enable_dropout,
+    )
+    x = x + _dropout(self.dropout_rate)(h, deterministic=deterministic)
+    h = RMSNorm(dtype=self.dtype, name="pre_mlp_layer_norm")(x)
+    h = self.feed_forward_factory(name="mlp")(h, mask=mask, enable_dropout=enable_dropout)
+    x = x + _dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  """T5.1.1 decoder block: causal self-attention, cross-attention, gated MLP (pre-norm).
+
+  Attributes:
+    num_heads, head_dim: T5 heads.
+    mlp_dim: gated-GELU width.
+    num_self_attention_kv_heads: None for multi-head self-attention (T5), 1 for MQA.
+    num_cross_attention_kv_heads: 1 for multi-query cross-attention (CoLT5 §3.3, the
+      default), None for multi-head (T5/LongT5; the paper's Table 6 ablation).
+  """
+
+  num_heads: int
+  mlp_dim: int
+  head_dim: int = 64
+  num_self_attention_kv_heads: int | None = None
+  num_cross_attention_kv_heads: int | None = 1
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x,
+      encoded,
+      self_attention_mask,
+      self_attention_bias,
+      cross_attention_mask,
+      enable_dropout: bool = False,
+      decode: bool = False,
+  ):
+    """x [batch, target_length, embed], encoded [batch, input_length, embed] -> like x."""
+    deterministic = not enable_dropout
+    dropout = _dropout(self.dropout_rate)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    h = RMSNorm(dtype=self.dtype, name="pre_self_attention_layer_norm")(x)
+    h = attention.MultiHeadAttention(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        num_kv_heads=self.num_self_attention_kv_heads,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        name="self_attention",
+    )(
+        h,
+        h,
+        mask=self_attention_mask,
+        bias=self_attention_bias,
+        enable_dropout=enable_dropout,
+        decode=decode,
+    )
+    x = x + dropout(h, deterministic=deterministic)
+    h = RMSNorm(dtype=self.dtype, name="pre_cross_attention_layer_norm")(x)
+    h = CrossAttention(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        num_kv_heads=self.num_cross_attention_kv_heads,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        name="encoder_decoder_attention",
+    )(h, encoded, mask=cross_attention_mask, enable_dropout=enable_dropout, decode=decode)
+    x = x + dropout(h, deterministic=deterministic)
+    h = RMSNorm(dtype=self.dtype, name="pre_mlp_layer_norm")(x)
+    h = GatedMlp(
+        hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype, name="mlp"
+    )(h, enable_dropout=enable_dropout)
+    x = x + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class CrossAttention(attention.MultiHeadAttention):
+  """Decoder-to-encoder attention whose keys/values are computed once per decode.
+
+  In decode mode the projected encoder keys and values live in the `cache` collection
+  (`cross_key`, `cross_value`): the call that creates the cache computes them from the
+  encoded inputs, and every decoding step reads them instead of projecting 16k encoder
+  vectors again.
+  """
+
+  def setup(self):
+    super().setup()
+    self.cross_key_value = _ComputedOnce()
+
+  def __call__(self, inputs_q, encoded, *, mask=None, enable_dropout=False, decode=False):
+    """inputs_q [batch, target_length, embed], encoded [batch, input_length, embed]."""
+    query = self.project_query(inputs_q)
+    if decode:
+      key, value = self.cross_key_value(lambda: self.project_key_value(encoded))
+    else:
+      key, value = self.project_key_value(encoded)
+    attended = self.attend(query, key, value, mask=mask, enable_dropout=enable_dropout)
+    return self.project_output(attended, inputs_q.shape[-1])
+
+
+class _ComputedOnce(nn.Module):
+  """Caches `compute()` in the `cache` collection when the cache is created; reads it after."""
+
+  @nn.compact
+  def __call__(self, compute):
+    return self.variable("cache", "value", compute).value
+
+
+def _stack(
+    layer_cls,
+    *,
+    num_layers: int,
+    scan_layers: bool,
+    remat_policy: str,
+    static_argnums: tuple[int, ...],
+    in_axes: tuple[Any, ...],
+):
+  """Wraps `layer_cls` in remat and/or scan; returns a class whose instances run all layers.
+
+  `static_argnums` counts `self` as 0 (flax's convention). Without scan the caller loops.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+  if remat_policy != "none":
+    layer_cls = nn.remat(
+        layer_cls,
+        policy=REMAT_POLICIES[remat_policy],
+        static_argnums=static_argnums,
+        prevent_cse=not scan_layers,
+    )
+  if scan_layers:
+    body_layer_cls = layer_cls
+
+    class _ScanBody(nn.Module):
+      layer_kwargs: Mapping[str, Any]
+
+      @nn.compact
+      def __call__(self, x, *args):
+        return body_layer_cls(**self.layer_kwargs, name="layer")(x, *args), None
+
+    layer_cls = nn.scan(
+        _ScanBody,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True, "routing": True},
+        in_axes=in_axes,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+  return layer_cls
+
+
+class Encoder(nn.Module):
+  """Embedding → layers → final norm → dropout.
+
+  Attributes:
+    num_layers: encoder layers (12 for B, 24 for L and XL).
+    attention_factory, feed_forward_factory: the encoder kind (see module docstring).
+    num_buckets, max_distance: relative-position table size shared by the layers.
+    scan_layers: `nn.scan` over layers (one compiled layer; faster compiles at depth).
+    remat_policy: "none", "full" (recompute everything) or a `jax.checkpoint_policies`
+      name; saves activation memory at long input lengths.
+  """
+
+  num_layers: int
+  attention_factory: ModuleFactory
+  feed_forward_factory: ModuleFactory
+  dropout_rate: float = 0.0
+  num_buckets: int = 32
+  max_distance: int = 128
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, embedded, mask, segment_ids=None, *, enable_dropout: bool = False):
+    """embedded [batch, length, embed], mask [batch, length] bool -> [batch, length, embed]."""
+    spec = self.attention_factory().relative_bias_spec()
+    rel_embeddings = {
+        name: relative_position.RelativePositionBias(
+            num_heads=heads,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+            bidirectional=True,
+            name=f"relpos_bias_{name}",
+        ).embedding()
+        for name, heads in sorted(spec.items())
+    }
+    x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
+    x = jnp.asarray(x, self.dtype)
+    layer_kwargs = dict(
+        attention_factory=self.attention_factory,
+        feed_forward_factory=self.feed_forward_factory,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+    )
+    layer_cls = _stack(
+        EncoderLayer,
+        num_layers=self.num_layers,
+        scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy,
+        static_argnums=(5,),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+    )
+    if self.scan_layers:
+      x, _ = layer_cls(layer_kwargs, name="layers")(
+          x, mask, segment_ids, rel_embeddings, enable_dropout
+      )
+    else:
+      for i in range(self.num_layers):
+        x = layer_cls(**layer_kwargs, name=f"layers_{i}")(
+            x, mask, segment_ids, rel_embeddings, enable_dropout
+        )
+    x = RMSNorm(dtype=self.dtype, name="encoder_norm")(x)
+    return _dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
+
+
+class Decoder(nn.Module):
+  """T5.1.1 decoder stack with its own causal relative-position table.
+
+  Attributes:
+    num_layers, num_heads, head_dim, mlp_dim: T5 sizes.
+    num_self_attention_kv_heads: None (multi-head, T5) or 1 (multi-query).
+    num_cross_attention_kv_heads: 1 (multi-query, CoLT5's default) or None (multi-head).
+  """
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  head_dim: int = 64
+  num_self_attention_kv_heads: int | None = None
+  num_cross_attention_kv_heads: int | None = 1
+  dropout_rate: float = 0.0
+  num_buckets: int = 32
+  max_distance: int = 128
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      embedded,
+      encoded,
+      self_attention_mask,
+      cross_attention_mask,
+      *,
+      enable_dropout: bool = False,
+      decode: bool = False,
+  ):
+    """embedded [batch, target_length, embed], encoded [batch, input_length, embed].
+
+    Returns the final normalised decoder states [batch, target_length, embed]. In decode
+    steps target_length is 1 and the position comes from a counter in the cache.
+    """
+    relpos = relative_position.RelativePositionBias(
+        num_heads=self.num_heads,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+        bidirectional=False,
+        name="relpos_bias",
+    )
+    target_length = embedded.shape[1]
+    if decode:
+      is_initialized = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+      # The cache's slots, one per target position, are the keys of every step.
+      key_positions = self.variable(
+          "cache", "key_positions", lambda: jnp.arange(target_length, dtype=jnp.int32)
+      ).value
+      if is_initialized:
+        query_positions = position.value[None]
+        position.value = position.value + 1
+      else:
+        query_positions = key_positions
+    else:
+      query_positions = key_positions = jnp.arange(target_length)
+    bias = relpos(relative_position.relative_positions(query_positions, key_positions))[None]
+
+    x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
+    x = jnp.asarray(x, self.dtype)
+    layer_kwargs = dict(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        head_dim=self.head_dim,
+        num_self_attention_kv_heads=self.num_self_attention_kv_heads,
+        num_cross_attention_kv_heads=self.num_cross_attention_kv_heads,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+    )
+    layer_cls = _stack(
+        DecoderLayer,
+        num_layers=self.num_layers,
+        scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy,
+        static_argnums=(6, 7),
+        in_axes=(nn.broadcast,) * 4 + (nn.broadcast, nn.broadcast),
+    )
+    args = (encoded, self_attention_mask, bias, cross_attention_mask, enable_dropout, decode)
+    if self.scan_layers:
+      x, _ = layer_cls(layer_kwargs, name="layers")(x, *args)
+    else:
+      for i in range(self.num_layers):
+        x = layer_cls(**layer_kwargs, name=f"layers_{i}")(x, *args)
+    x = RMSNorm(dtype=self.dtype, name="decoder_norm")(x)
+    return _dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
+
+
+class EncoderDecoder(nn.Module):
+  """CoLT5 / LongT5 / T5.1.1 encoder-decoder with t5x's module contract.
+
+  Inputs are what `seqio.EncDecFeatureConverter` emits: token ids with 0 as padding,
+  and for packed batches `*_segment_ids` (0 = padding) and `*_positions`.
+
+  Attributes:
+    vocab_size: output vocabulary (32128 for T5's SentencePiece with extra ids).
+    embed_dim: d_model.
+    encoder_factory: builds the `Encoder` (gin binds its layers and kind).
+    decoder_factory: builds the `Decoder`.
+    logits_via_embedding: tie the output layer to the token embedding (T5 v1.0);
+      T5.1.1 and CoLT5 use a separate `logits_dense` (False).
+    dropout_rate: used by the embedding dropout; the stacks carry their own.
+  """
+
+  vocab_size: int
+  embed_dim: int
+  encoder_factory: ModuleFactory
+  decoder_factory: ModuleFactory
+  logits_via_embedding: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.token_embedder = nn.Embed(
+        num_embeddings=self.vocab_size,
+        features=self.embed_dim,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        # t5x: unit-variance embeddings; the logits layer is fan-in scaled.
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+        ),
+        name="token_embedder",
+    )
+    self.encoder = self.encoder_factory(name="encoder")
+    self.decoder = self.decoder_factory(name="decoder")
+    if not self.logits_via_embedding:
+      self.logits_dense = nn.DenseGeneral(
+          features=self.vocab_size,
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+              ("embed", "vocab"),
+          ),
+          name="logits_dense",
+      )
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=True):
+    """encoder_input_tokens [batch, input_length] -> encoded [batch, input_length, embed]."""
+    mask = encoder_input_tokens > 0
+    if encoder_segment_ids is not None:
+      mask = jnp.logical_and(mask, encoder_segment_ids > 0)
+    embedded = self.token_embedder(encoder_input_tokens)
+    embedded = nn.with_logical_constraint(embedded, ("batch", "length", "embed"))
+    return self.encoder(
+        embedded, mask, encoder_segment_ids, enable_dropout=enable_dropout
+    )
+
+  def decode(
+      self,
+      encoded,
+      encoder_input_tokens,
+      decoder_input_tokens,
+      decoder_target_tokens,
+      encoder_segment_ids=None,
+      decoder_segment_ids=None,
+      decoder_positions=None,
+      enable_dropout=True,
+      decode=False,
+      max_decode_length=None,
+  ):
+    """Decoder logits [batch, target_length, vocab] (float32).
+
+    Args:
+      encoded: [batch, input_length, embed] from `encode`.
+      encoder_input_tokens: [batch, input_length], for the cross-attention mask.
+      decoder_input_tokens: [batch, target_length], the targets shifted right
+        (or one token per step when `decode`).
+      decoder_target_tokens: [batch, target_length]; 0 marks padding.
+      decode: one autoregressive step over the `cache` collection.
+      max_decode_length: accepted for t5x compatibility; the cache length fixes it.
+    """
+    del decoder_positions, max_decode_length  # Relative positions need no absolute ones.
+    encoder_mask = encoder_input_tokens > 0
+    if decode:
+      self_attention_mask = None  # The cache masks what is not yet written.
+      cross_attention_mask = encoder_mask[:, None, None, :]
+    else:
+      target_mask = decoder_target_tokens > 0
+      length = decoder_input_tokens.shape[1]
+      causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+      self_attention_mask = attention.make_attention_mask(target_mask, target_mask) & causal
+      cross_attention_mask = attention.make_attention_mask(target_mask, encoder_mask)
+      if decoder_segment_ids is not None:
+        self_attention_mask &= attention.make_segment_mask(
+            decoder_segment_ids, decoder_segment_ids
+        )
+        cross_attention_mask &= attention.make_segment_mask(
+            decoder_segment_ids, encoder_segment_ids
+        )
+    embedded = self.token_embedder(decoder_input_tokens)
+    states = self.decoder(
+        embedded,
+        encoded,
+        self_attention_mask,
+        cross_attention_mask,
+        enable_dropout=enable_dropout,
+        decode=decode,
+    )
+    if self.logits_via_embedding:
+      # T5 v1.0 rescales before the tied projection.
+      logits = self.token_embedder.attend(states * self.embed_dim**-0.5)
+    else:
+      logits = self.logits_dense(states)
+    logits = jnp.asarray(logits, jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def __call__(
+      self,
+      encoder_input_tokens,
+      decoder_input_tokens,
+      decoder_target_tokens,
+      encoder_segment_ids=None,
+      decoder_segment_ids=None,
+      encoder_positions=None,
+      decoder_positions=None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: int | None = None,
+  ):
+    """Teacher-forced logits [batch, target_length, vocab]; t5x's signature."""
+    del encoder_positions  # Relative attention only needs token order.
+    encoded = self.encode(
+        encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
+        enable_dropout=enable_dropout,
+    )
+    return self.decode(
+        encoded,
+        encoder_input_tokens,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_segment_ids=encoder_segment_ids,
+        decoder_segment_ids=decoder_segment_ids,
+        decoder_positions=decoder_positions,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        max_decode_length=max_decode_length,
+    )
+
+
+def t5_encoder_factory(
+    *, num_layers, num_heads, mlp_dim, head_dim=64, dropout_rate=0.0, dtype=jnp.float32, **kwargs
+):
+  """The T5.1.1 encoder (full attention, dense gated MLP) as an `Encoder` factory."""
+  return functools.partial(
+      Encoder,
+      num_layers=num_layers,
+      attention_factory=functools.partial(
+          attention.SelfAttention,
+          num_heads=num_heads,
+          head_dim=head_dim,
+          dropout_rate=dropout_rate,
+          dtype=dtype,
+      ),
+      feed_forward_factory=functools.partial(
+          GatedMlp, hidden_dim=mlp_dim, dropout_rate=dropout_rate, dtype=dtype
+      ),
+      dropout_rate=dropout_rate,
+      dtype=dtype,
+      **kwargs,
+  )
