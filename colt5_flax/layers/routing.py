@@ -1,0 +1,466 @@
+"""CoLT5's router: score tokens, soft top-k them, pick the hard top-k, gather and scatter.
+
+CoLT5 (Ainslie et al. 2023, §3.3) routes a fixed number of tokens per sequence to each
+heavy branch. A learned vector `u` scores every token, `s_i = x_i · u`; the scores are
+normalised by the soft top-k of ALIGNER (Qian et al. 2022) / CoDA (Lei et al. 2023) into
+weights `λ ∈ [0, 1]` that sum to k; the k tokens with the largest λ are routed, and the
+heavy branch's output is scaled by λ so the router learns through λ alone (no
+straight-through estimator).
+
+Everything here keeps shapes static under jit: the number of routed tokens is a Python
+integer computed at trace time from the static length (`routing_capacity`), and padding
+is handled by masking, never by dynamic shapes.
+"""
+
+import math
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Initializer = Callable[..., jax.Array]
+
+ROUTING_KINDS = ("learned", "static", "random")
+
+# Largest count for which `j * n_real` (j < count, n_real's remainder < count) fits int32
+# in static routing's integer arithmetic; far above any routed count CoLT5 uses (≤ 2048).
+_MAX_STATIC_ROUTED_TOKENS = 46340
+
+
+def routing_capacity(
+    length: int,
+    fraction: float,
+    max_tokens: int | None = None,
+    multiple_of: int = 1,
+) -> int:
+  """Number of tokens a routed branch processes, computed at trace time.
+
+  CoLT5 §3.3 / §5: queries and the feedforward route `m = n/16` tokens in fine-tuning
+  (`n/8` in pre-training), keys/values `2m`, and beyond 32k inputs m stays at its 32k
+  value (`max_tokens=2048` for fraction 1/16). The count is a Python int so every routed
+  shape is static under jit.
+
+  The rule, in order:
+    1. `floor(fraction * length)` (a 1e-9 relative tolerance absorbs float error, so
+       `0.1 * 30` gives 3, not 2);
+    2. capped at `max_tokens` when given;
+    3. rounded DOWN to a multiple of `multiple_of` (hardware-friendly shapes, e.g. 8 or
+       128), but never below one multiple;
+    4. clamped to `[1, length]` (so `length < multiple_of` gives `length`).
+
+  To route the paper's 9/8·k tokens during training (CoLT5 §3.3), pass
+  `fraction * 9 / 8` here for the training configuration.
+
+  Args:
+    length: static sequence length n (≥ 1).
+    fraction: routed fraction in (0, 1], e.g. 1/16.
+    max_tokens: optional cap on the count (≥ multiple_of).
+    multiple_of: round the count down to a multiple of this (≥ 1).
+
+  Returns:
+    The routed-token count, an int in [1, length].
+
+  Raises:
+    ValueError: naming the bad argument.
+  """
+  if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 1:
+    raise ValueError(f"routing_capacity: length={length!r} must be a positive int")
+  if not isinstance(fraction, int | float | np.floating) or not 0.0 < fraction <= 1.0:
+    raise ValueError(f"routing_capacity: fraction={fraction!r} must be in (0, 1]")
+  if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+    raise ValueError(f"routing_capacity: multiple_of={multiple_of!r} must be an int >= 1")
+  if max_tokens is not None and (
+      isinstance(max_tokens, bool)
+      or not isinstance(max_tokens, int | np.integer)
+      or max_tokens < multiple_of
+  ):
+    raise ValueError(
+        f"routing_capacity: max_tokens={max_tokens!r} must be an int >= "
+        f"multiple_of={multiple_of}"
+    )
+  exact = float(fraction) * int(length)
+  count = math.floor(exact * (1.0 + 1e-9))
+  if max_tokens is not None:
+    count = min(count, int(max_tokens))
+  count = max(multiple_of, (count // multiple_of) * multiple_of)
+  return int(max(1, min(count, int(length))))
+
+
+def _epsilon_schedule(
+    epsilon: float, num_iters: int, eps_init: float | None, eps_decay: float
+) -> np.ndarray:
+  """ε of each soft top-k iteration: constant, or CoDA's ε-scaling decaying to `epsilon`."""
+  if eps_init is None:
+    return np.full((num_iters,), epsilon, np.float32)
+  steps = np.arange(num_iters, dtype=np.float64)
+  return np.maximum(eps_init * eps_decay**steps, epsilon).astype(np.float32)
+
+
+def soft_top_k(
+    scores: jax.Array,
+    k: float,
+    *,
+    epsilon: float = 1.0,
+    num_iters: int = 50,
+    mask: jax.Array | None = None,
+    eps_init: float | None = None,
+    eps_decay: float = 0.7,
+) -> jax.Array:
+  """Soft top-k of ALIGNER / CoDA, as CoLT5 §3.3 normalises router scores.
+
+  Solves `max_λ sᵀλ + ε H(λ)` s.t. `Σ λ = k`, `0 ≤ λ ≤ 1`, `H(λ) = −Σ λ_i ln λ_i`, by the
+  dual iteration from `a = 0, b = 0`:
+
+      a   ← ε ln k − ε logsumexp((s + b) / ε)
+      b_i ← min(−s_i − a, 0)
+      λ_i = exp((s_i + b_i + a) / ε)
+
+  Since the final `b` is computed from the final `a`, `s_i + b_i + a = min(s_i + a, 0)`:
+  λ is a monotone function of the score and never exceeds 1 (the exponent is clamped at
+  0 to absorb a rounding ulp). After convergence `Σ λ = k`; with a finite `num_iters`
+  the sum is approximate (the paper runs 50 iterations at ε = 1).
+
+  Masked positions (padding) behave as score −inf (CoLT5 §3.3: padding is never
+  routed) without ever forming −inf arithmetic: they take no part in the logsumexp and
+  their weight is exactly 0, with zero, finite gradient. A row with no unmasked position
+  yields all zeros and no NaN, in values and gradients.
+
+  If k is at least the number of unmasked positions, the constraint `Σ λ = k` cannot be
+  met: each iteration raises `a` by `ε ln(k / n_unmasked) ≥ 0`, every `b_i` clips to
+  `−s_i − a`, and all unmasked weights saturate at exactly 1 (zero gradient).
+
+  ε-scaling (CoDA): when `eps_init` is given, iteration t uses
+  `ε_t = max(eps_init · eps_decay^t, epsilon)`, and the result λ uses the last
+  iteration's ε (which is `epsilon` once the schedule has reached its floor; with the
+  CoDA setting eps_init=4, eps_decay=0.7 that takes 4 iterations).
+
+  Computed in float32 whatever the input dtype. The loop is a `lax.scan` of static
+  length, so it compiles once and reverse-mode differentiates (memory O(num_iters · n)
+  per row for the backward pass).
+
+  Args:
+    scores: [..., n] router scores, any float dtype.
+    k: static target sum (int or float > 0; may be fractional, e.g. 9/8 · k).
+    epsilon: entropy weight ε > 0 (CoLT5: 1.0), the floor of the ε-scaling schedule.
+    num_iters: number of iterations ≥ 1 (CoLT5: 50; CoDA with ε-scaling: ~20).
+    mask: optional [..., n] bool (broadcastable to scores), True = may be routed.
+    eps_init: optional initial ε of CoDA's ε-scaling (CoDA: 4.0); must be ≥ epsilon.
+    eps_decay: per-iteration decay of ε-scaling, in (0, 1) (CoDA: 0.7).
+
+  Returns:
+    [..., n] float32 weights λ in [0, 1], summing to ≈ min(k, n_unmasked) per row;
+    exactly 0 at masked positions.
+
+  Raises:
+    ValueError: naming the bad argument.
+  """
+  if isinstance(k, bool) or not isinstance(k, int | float | np.integer | np.floating):
+    raise ValueError(f"soft_top_k: k={k!r} must be a static Python number")
+  if not math.isfinite(k) or k <= 0:
+    raise ValueError(f"soft_top_k: k={k!r} must be a finite number > 0")
+  if not epsilon > 0:
+    raise ValueError(f"soft_top_k: epsilon={epsilon!r} must be > 0")
+  if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+    raise ValueError(f"soft_top_k: num_iters={num_iters!r} must be an int >= 1")
+  if eps_init is not None:
+    if not eps_init >= epsilon:
+      raise ValueError(
+          f"soft_top_k: eps_init={eps_init!r} must be >= epsilon={epsilon!r} "
+          "(ε-scaling decays from eps_init down to epsilon)"
+      )
+    if not 0.0 < eps_decay < 1.0:
+      raise ValueError(f"soft_top_k: eps_decay={eps_decay!r} must be in (0, 1)")
+
+  scores = jnp.asarray(scores, jnp.float32)
+  if scores.ndim < 1:
+    raise ValueError(f"soft_top_k: scores must have a length axis; got shape {scores.shape}")
+  if mask is None:
+    mask = jnp.ones(scores.shape, bool)
+  else:
+    mask = jnp.asarray(mask, bool)
+    try:
+      mask = jnp.broadcast_to(mask, scores.shape)
+    except ValueError as error:
+      raise ValueError(
+          f"soft_top_k: mask shape {mask.shape} does not broadcast to scores shape "
+          f"{scores.shape}"
+      ) from error
+
+  # Masked scores are replaced by 0 (not −inf) and excluded by `where`s below, so no
+  # −inf − a or inf · 0 ever forms, in the forward pass or in the gradient.
+  safe_scores = jnp.where(mask, scores, 0.0)
+  any_unmasked = jnp.any(mask, axis=-1, keepdims=True)
+  log_k = math.log(k)
+  schedule = _epsilon_schedule(float(epsilon), num_iters, eps_init, float(eps_decay))
+
+  def masked_logsumexp(logits):
+    """logsumexp over unmasked entries of [..., n] -> [..., 1]; 0 for all-masked rows."""
+    # The shift only stabilises; logsumexp's gradient (softmax) does not depend on it.
+    shift = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
+    shift = jax.lax.stop_gradient(jnp.where(any_unmasked, shift, 0.0))
+    # exp(−inf) = 0 and its derivative is 0, so masked entries contribute nothing.
+    exponentials = jnp.exp(jnp.where(mask, logits - shift, -jnp.inf))
+    total = jnp.sum(exponentials, axis=-1, keepdims=True)
+    return jnp.log(jnp.where(any_unmasked, total, 1.0)) + shift
+
+  def iteration(carry, eps):
+    _, b = carry
+    a = eps * log_k - eps * masked_logsumexp((safe_scores + b) / eps)
+    b = jnp.where(mask, jnp.minimum(-safe_scores - a, 0.0), 0.0)
+    return (a, b), None
+
+  initial = (jnp.zeros(scores.shape[:-1] + (1,), jnp.float32), jnp.zeros_like(scores))
+  (a, b), _ = jax.lax.scan(iteration, initial, jnp.asarray(schedule))
+  final_epsilon = float(schedule[-1])
+  # s + b + a ≤ 0 in exact arithmetic; the clamp keeps λ ≤ 1 despite rounding and has
+  # zero gradient there either way (the clipped branch is constant in s).
+  exponent = jnp.where(mask, jnp.minimum(safe_scores + b + a, 0.0) / final_epsilon, 0.0)
+  return jnp.where(mask, jnp.exp(exponent), 0.0)
+
+
+def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+  """Gathers the routed tokens: `out[b, j] = x[b, indices[b, j]]`.
+
+  Lowers to one XLA gather with `[1, 1, ...]` slices (O(k · d) work); a one-hot matmul
+  would be O(n · k · d), ~500x slower at n = 16k on CPU.
+
+  Args:
+    x: [batch, length, ...] token features.
+    indices: [batch, num_selected] int positions in [0, length) (out-of-range indices
+      are clamped, as jnp indexing does).
+
+  Returns:
+    [batch, num_selected, ...] with x's dtype.
+  """
+  _check_indices("gather_tokens", x, indices)
+  batch_index = jnp.arange(x.shape[0])[:, None]
+  return x[batch_index, indices]
+
+
+def scatter_add_tokens(updates: jax.Array, indices: jax.Array, length: int) -> jax.Array:
+  """Scatters routed outputs back: zeros of [batch, length, ...] plus each update added
+  at its position; duplicate indices add up (CoLT5 §3.3: routed outputs are added back).
+
+  Lowers to one XLA scatter-add, the transpose of `gather_tokens`.
+
+  Args:
+    updates: [batch, num_selected, ...] per-routed-token values.
+    indices: [batch, num_selected] int positions in [0, length) (out-of-range updates
+      are dropped, as `.at[].add` does).
+    length: static output length.
+
+  Returns:
+    [batch, length, ...] with updates' dtype.
+  """
+  _check_indices("scatter_add_tokens", updates, indices)
+  if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 1:
+    raise ValueError(f"scatter_add_tokens: length={length!r} must be a positive int")
+  batch_size = updates.shape[0]
+  output = jnp.zeros((batch_size, int(length)) + updates.shape[2:], updates.dtype)
+  batch_index = jnp.arange(batch_size)[:, None]
+  return output.at[batch_index, indices].add(updates)
+
+
+def _check_indices(name: str, array: jax.Array, indices: jax.Array) -> None:
+  if indices.ndim != 2 or array.ndim < 2 or indices.shape[0] != array.shape[0]:
+    raise ValueError(
+        f"{name}: expected array [batch, length, ...] and indices [batch, k]; got "
+        f"shapes {array.shape} and {indices.shape}"
+    )
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ValueError(f"{name}: indices must be integers; got dtype {indices.dtype}")
+
+
+@flax.struct.dataclass
+class Routing:
+  """Which tokens a router picked, and their weights (a pytree; fine to return from jit).
+
+  Attributes:
+    indices: [batch, num_selected] int32 positions, sorted ascending (locality for the
+      gather/scatter, and the heavy attention's relative position bias reads them).
+    weights: [batch, num_selected] float32 scale of each routed token's output; exactly
+      0 where the selected position is padding (a row with fewer real tokens than
+      num_selected).
+    soft_weights: [batch, length] float32 weights of every position (the soft top-k λ
+      for learned routing; the hard 0/1 selection for static/random), for statistics.
+  """
+
+  indices: jax.Array
+  weights: jax.Array
+  soft_weights: jax.Array
+
+
+def default_router_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32):
+  """Normal with std `1/sqrt(embed)`: unit-variance scores for unit-RMS (normalised) x.
+
+  The paper does not give the router's initialisation **(ours)**. Unit-variance scores
+  at ε = 1 make the initial λ neither uniform (u = 0 would tie every token) nor hard.
+  """
+  return jax.random.normal(key, shape, dtype) * jnp.asarray(shape[-1] ** -0.5, dtype)
+
+
+class Router(nn.Module):
+  """Picks `num_selected` tokens per sequence for a heavy branch (CoLT5 §3.3).
+
+  'learned' (the paper): scores `s_i = x_i · u` in float32 with a learned vector u (param
+  `router_weights` [embed], no bias), soft top-k over the length axis with padding
+  masked, then the hard top-k by λ. The routed weights are λ at the chosen positions, so
+  the gradient reaches u only through λ (no straight-through).
+
+  Training with 9/8·k routed tokens (CoLT5 §3.3): the caller picks `num_selected` (e.g.
+  `routing_capacity(n, fraction * 9 / 8)` while training, `routing_capacity(n, fraction)`
+  at inference); `soft_top_k_target` is the independent knob for the λ normalisation
+  (the conditional layers pass 9/8·k by default, SPEC §1.1).
+
+  'static' (paper Table 6 ablation): evenly spaced positions over each row's REAL
+  (unpadded) tokens, the j-th selection being the real token of rank
+  `floor(j · n_real / num_selected)`, weight 1. Spacing over the real length, not the
+  static length, means short padded inputs still route num_selected real tokens. When a
+  row has fewer real tokens than num_selected, all of them are taken and the rest of the
+  selections are padding positions with weight 0.
+
+  'random' (our ablation): num_selected distinct real positions drawn uniformly, weight
+  1 (padding only when real tokens run out, weight 0). With `deterministic=False` the
+  draw uses the 'routing' rng stream (`rngs={'routing': key}`; missing -> flax error);
+  with `deterministic=True` it uses a fixed key, `PRNGKey(0)` folded with a CRC32 of the
+  module path, so evaluation is reproducible and different routers differ.
+
+  Static and random routing create no parameter.
+
+  Attributes:
+    num_selected: routed tokens per row (static int ≥ 1, ≤ length); see
+      `routing_capacity`.
+    soft_top_k_target: the sum k of the soft top-k; None = num_selected.
+    epsilon: soft top-k entropy weight (paper: 1.0).
+    num_iters: soft top-k iterations (paper: 50).
+    eps_init: optional CoDA ε-scaling start (CoDA: 4.0, with ~20 iterations).
+    eps_decay: CoDA ε-scaling decay per iteration (0.7).
+    routing: 'learned' | 'static' | 'random'.
+    kernel_init: initialiser of `router_weights` (default std 1/sqrt(embed)).
+    param_dtype: dtype of `router_weights` (float32).
+  """
+
+  num_selected: int
+  soft_top_k_target: float | None = None
+  epsilon: float = 1.0
+  num_iters: int = 50
+  eps_init: float | None = None
+  eps_decay: float = 0.7
+  routing: str = "learned"
+  kernel_init: Initializer = default_router_init
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      mask: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+  ) -> Routing:
+    """Routes x [batch, length, embed] (any dtype) with mask [batch, length] bool
+    (True = real token; None = all real). Returns a `Routing` (indices and weights
+    [batch, num_selected], soft_weights [batch, length]). `deterministic` only matters
+    for 'random' routing."""
+    if self.routing not in ROUTING_KINDS:
+      raise ValueError(f"Router.routing={self.routing!r}; expected one of {ROUTING_KINDS}")
+    if x.ndim != 3:
+      raise ValueError(f"Router: x must be [batch, length, embed]; got shape {x.shape}")
+    batch_size, length, embed = x.shape
+    num_selected = self.num_selected
+    if (
+        isinstance(num_selected, bool)
+        or not isinstance(num_selected, int | np.integer)
+        or not 1 <= num_selected <= length
+    ):
+      raise ValueError(
+          f"Router.num_selected={num_selected!r} must be an int in [1, length={length}]"
+      )
+    if mask is None:
+      mask = jnp.ones((batch_size, length), bool)
+    elif mask.shape != (batch_size, length):
+      raise ValueError(
+          f"Router: mask shape {mask.shape} does not match x's [batch, length] = "
+          f"{(batch_size, length)}"
+      )
+    mask = jnp.asarray(mask, bool)
+
+    if self.routing == "learned":
+      return self._learned(x, mask, embed)
+    if self.routing == "static":
+      if num_selected > _MAX_STATIC_ROUTED_TOKENS:
+        raise ValueError(
+            f"Router.num_selected={num_selected} exceeds {_MAX_STATIC_ROUTED_TOKENS}, "
+            "the largest static routing computes exactly in int32"
+        )
+      return _hard_routing(_static_indices(mask, num_selected), mask)
+    # 'random': distinct real positions first (uniforms in [0, 1) vs −1 for padding).
+    if deterministic:
+      key = jax.random.fold_in(
+          jax.random.PRNGKey(0), zlib.crc32("/".join(self.path).encode()) & 0x7FFFFFFF
+      )
+    else:
+      key = self.make_rng("routing")
+    uniforms = jax.random.uniform(key, (batch_size, length), jnp.float32)
+    _, indices = jax.lax.top_k(jnp.where(mask, uniforms, -1.0), num_selected)
+    return _hard_routing(indices, mask)
+
+  def _learned(self, x, mask, embed) -> Routing:
+    router_weights = self.param(
+        "router_weights",
+        nn.with_logical_partitioning(self.kernel_init, ("embed",)),
+        (embed,),
+        self.param_dtype,
+    )
+    # CoLT5 §3.3: routing in float32 whatever the activation dtype; HIGHEST precision
+    # because TPUs would otherwise multiply float32 in bfloat16 passes.
+    scores = jnp.einsum(
+        "ble,e->bl",
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(router_weights, jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    target = self.num_selected if self.soft_top_k_target is None else self.soft_top_k_target
+    soft_weights = soft_top_k(
+        scores,
+        target,
+        epsilon=self.epsilon,
+        num_iters=self.num_iters,
+        mask=mask,
+        eps_init=self.eps_init,
+        eps_decay=self.eps_decay,
+    )
+    soft_weights = nn.with_logical_constraint(soft_weights, ("batch", "length"))
+    # Padding ranks below every real token, even one whose λ underflowed to 0; ties go
+    # to the lower position (lax.top_k's order). Indices carry no gradient: u learns
+    # only through the λ gathered below.
+    _, indices = jax.lax.top_k(jnp.where(mask, soft_weights, -1.0), self.num_selected)
+    indices = jnp.sort(indices, axis=-1).astype(jnp.int32)
+    weights = jnp.take_along_axis(soft_weights, indices, axis=-1)
+    return Routing(indices=indices, weights=weights, soft_weights=soft_weights)
+
+
+def _static_indices(mask: jax.Array, num_selected: int) -> jax.Array:
+  """[batch, num_selected] evenly spaced real positions (ranks floor(j·n_real/k))."""
+  num_real = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.int32)  # [batch, 1]
+  # Positions ordered real-first, each group ascending (stable sort on "is padding").
+  real_first = jnp.argsort(jnp.logical_not(mask).astype(jnp.int32), axis=-1, stable=True)
+  j = jnp.arange(num_selected, dtype=jnp.int32)[None, :]
+  # floor(j · n_real / k) split so the products stay below 2^31 for k ≤ 46340.
+  spaced = j * (num_real // num_selected) + (j * (num_real % num_selected)) // num_selected
+  # Too few real tokens: take them all, then padding (weight 0 in _hard_routing).
+  ranks = jnp.where(num_real >= num_selected, spaced, j)
+  return jnp.take_along_axis(real_first, ranks, axis=-1)
+
+
+def _hard_routing(indices: jax.Array, mask: jax.Array) -> Routing:
+  """Routing with weight 1 on real selected tokens, 0 on selected padding."""
+  indices = jnp.sort(indices, axis=-1).astype(jnp.int32)
+  weights = jnp.take_along_axis(mask, indices, axis=-1).astype(jnp.float32)
+  soft_weights = scatter_add_tokens(weights, indices, mask.shape[-1])
+  return Routing(indices=indices, weights=weights, soft_weights=soft_weights)
