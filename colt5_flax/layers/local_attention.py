@@ -1,0 +1,484 @@
+"""LongT5's encoder self-attention: blocked sliding-window local, and transient-global.
+
+Both layers reproduce transformers' `LongT5LocalAttention` and
+`LongT5TransientGlobalAttention` (as `LongT5Stack` drives them) for the same weights.
+What we found in transformers' `modeling_longt5.py` (v5.24), and follow:
+
+Local attention (LongT5 §2.1.1):
+- Block length is `local_radius + 1` (128 for the default radius 127). The sequence is
+  zero-padded at the end to a whole number of blocks; each query block attends to the
+  concatenation of its previous, own and next block (3 · block_len keys; the blocks before
+  the first and after the last are zeros). The window is then masked to
+  |key − query| ≤ local_radius (`abs(relative_position) < block_len`), AND key valid AND
+  query valid. The stack always builds this mask (from all-ones when no attention_mask is
+  given); only a bare `LongT5LocalAttention(mask=None)` skips it, which we do not copy.
+- The relative position bias of the window is one [heads, block_len, 3 · block_len] array,
+  shared by every block: relative position = key index − query index inside the 3-block
+  window (so it is the true distance), bidirectional T5 buckets.
+- One bias table per stack: only block 0 has `relative_attention_bias`; its bias (with the
+  mask folded in) is returned and reused by every later layer. Here the stack passes that
+  table as `rel_embedding`.
+- Masked logits get −1e10 in HF; our kernel masks the same entries, so every query with at
+  least one allowed key matches. Queries that are padding differ (HF spreads them
+  uniformly over the window, we output 0); no valid token ever reads them.
+
+Transient-global attention (LongT5 §2.1.2):
+- `global_block_size` (16) consecutive tokens form a global block; token i of a valid
+  (mask = 1) position belongs to block floor(i / global_block_size), counted from the
+  sequence start (absolute position, not count of valid tokens). Padding tokens belong to
+  no block (id −1).
+- Orphans: with F = the number of block-end positions (i % size == size − 1) that are
+  valid, block ids are clipped to F − 1, so a trailing partial block joins the last full
+  block, and a sequence with no full block has no global tokens at all.
+- Number of global tokens: `length // global_block_size` (floor, on the unpadded length);
+  global g is valid iff g < F. Invalid globals (zero sums) are masked out.
+- Global inputs: the sum of the layer's input vectors (the pre-attention-normed hidden
+  states) over each block, then `global_input_layer_norm` (a T5 RMSNorm with its own scale
+  in every layer, created whether or not the layer has a bias table), projected by the
+  layer's own K and V weights; every query block attends to [3-block window ; all globals].
+- Side (global) bias: relative position = global index − the query token's block id,
+  bidirectional T5 buckets, looked up in `global_relative_attention_bias`. HF creates that
+  table only in layer 0 (`has_relative_attention_bias`); layer 0 returns the concatenated
+  [local ; side] bias and all later layers reuse it, so the side table is ONE per stack,
+  exactly like the local table. The stack therefore owns two tables and passes both:
+  `rel_embedding` (HF `block.0...relative_attention_bias`) and `global_rel_embedding`
+  (HF `block.0...global_relative_attention_bias`); per layer there is only
+  `global_input_layer_norm`.
+- Side mask: HF allows query→global iff mask[query] == global_valid[global], so valid tokens
+  see valid globals (padding queries are don't-care, and we mask them fully).
+- HF computes i / global_block_size by a float32 cumulative sum; for a power-of-two size
+  (LongT5's 16) that is exact and equals our integer division.
+
+Packed inputs (`segment_ids`, seqio/t5x convention) are ours: HF has none. Local
+attention stays within a segment (like flaxformer's LongT5). For transient-global, blocks
+are counted from each segment's start (positions restart per segment), orphans join the
+segment's last full block, global tokens are numbered consecutively over the row, and a
+token attends only to globals of its own segment. With `segment_ids=None` this is exactly
+HF's rule above.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from colt5_flax.layers import attention, normalization, relative_position
+
+Dtype = Any
+
+
+def _pad_to_multiple(x, multiple: int, axis: int, pad_value):
+  """Pads `axis` at its end up to a multiple of `multiple` with `pad_value`."""
+  pad = -x.shape[axis] % multiple
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=pad_value)
+
+
+def split_into_blocks(x, block_len: int, axis: int, pad_value=0):
+  """[..., length, ...] -> [..., num_blocks, block_len, ...], padding the end of `axis`.
+
+  num_blocks = ceil(length / block_len).
+  """
+  axis = axis % x.ndim
+  x = _pad_to_multiple(x, block_len, axis, pad_value)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] // block_len, block_len) + x.shape[axis + 1 :])
+
+
+def concat_3_blocks(blocked, block_axis: int, pad_value=0):
+  """[..., num_blocks, block_len, ...] -> [..., num_blocks, 3 * block_len, ...].
+
+  Block b becomes [block b-1 ; block b ; block b+1]; the blocks beyond either end are
+  `pad_value`. The within-block axis is the one after `block_axis`.
+  """
+  block_axis = block_axis % blocked.ndim
+  num_blocks = blocked.shape[block_axis]
+  widths = [(0, 0)] * blocked.ndim
+  widths[block_axis] = (1, 1)
+  padded = jnp.pad(blocked, widths, constant_values=pad_value)
+  parts = [
+      jax.lax.slice_in_dim(padded, offset, offset + num_blocks, axis=block_axis)
+      for offset in range(3)
+  ]
+  return jnp.concatenate(parts, axis=block_axis + 1)
+
+
+def three_block_relative_positions(block_len: int) -> np.ndarray:
+  """int32 [block_len, 3 * block_len]: key − query index inside the 3-block window."""
+  window = np.arange(3 * block_len, dtype=np.int32)
+  return window[None, :] - window[block_len : 2 * block_len, None]
+
+
+def local_window_mask(mask, segment_ids, block_len: int):
+  """Which window keys each query may attend to.
+
+  Args:
+    mask: bool [batch, length], True = real token.
+    segment_ids: int [batch, length] packed-example ids, or None.
+    block_len: local_radius + 1.
+
+  Returns:
+    bool [batch, num_blocks, block_len, 3 * block_len]: query and key are real tokens, at
+    most `block_len - 1` apart, and in the same segment.
+  """
+  query_valid = split_into_blocks(mask, block_len, axis=1, pad_value=False)
+  key_valid = concat_3_blocks(query_valid, block_axis=1, pad_value=False)
+  allowed = jnp.logical_and(query_valid[..., :, None], key_valid[..., None, :])
+  # The 3-block window reaches up to 2 * block_len - 1 away: cut it to the radius.
+  within_radius = np.abs(three_block_relative_positions(block_len)) < block_len
+  allowed = jnp.logical_and(allowed, within_radius)
+  if segment_ids is not None:
+    query_segment = split_into_blocks(segment_ids, block_len, axis=1, pad_value=-1)
+    key_segment = concat_3_blocks(query_segment, block_axis=1, pad_value=-1)
+    allowed = jnp.logical_and(allowed, query_segment[..., :, None] == key_segment[..., None, :])
+  return allowed
+
+
+def global_block_ids(mask, global_block_size: int, segment_ids=None):
+  """Assigns tokens to LongT5's transient-global blocks (HF `_make_global_fixed_block_ids`).
+
+  Args:
+    mask: bool [batch, length], True = real token.
+    global_block_size: tokens per global block (16 in LongT5).
+    segment_ids: optional int [batch, length]; blocks are then counted from each
+      segment's start and never straddle two segments.
+
+  Returns:
+    block_ids: int32 [batch, length], the global token each token is summed into; −1 for
+      padding and for tokens of a segment shorter than one block.
+    global_segment_ids: int32 [batch, num_globals], segment of each global token (0 when
+      `segment_ids` is None).
+    global_valid: bool [batch, num_globals], False for global slots no token maps to.
+    num_globals = length // global_block_size.
+  """
+  mask = jnp.asarray(mask, bool)
+  batch, length = mask.shape
+  index = jnp.arange(length, dtype=jnp.int32)
+  if segment_ids is None:
+    segment = jnp.zeros((batch, length), jnp.int32)
+  else:
+    segment = jnp.asarray(segment_ids, jnp.int32)
+  changes = segment[:, 1:] != segment[:, :-1]
+  edge = jnp.ones((batch, 1), bool)
+  is_first = jnp.concatenate([edge, changes], axis=1)
+  is_last = jnp.concatenate([changes, edge], axis=1)
+  segment_start = jax.lax.cummax(jnp.where(is_first, index, 0), axis=1)
+  segment_end = jax.lax.cummin(jnp.where(is_last, index, length - 1), axis=1, reverse=True)
+  position = index - segment_start
+
+  # A block is full when its last position holds a real token (HF `handle_orphan_tokens`).
+  is_block_end = jnp.logical_and(mask, position % global_block_size == global_block_size - 1)
+  ends_through = jnp.cumsum(is_block_end.astype(jnp.int32), axis=1)
+  ends_before = ends_through - is_block_end.astype(jnp.int32)
+  full_blocks_before_segment = jnp.take_along_axis(ends_before, segment_start, axis=1)
+  full_blocks_in_segment = (
+      jnp.take_along_axis(ends_through, segment_end, axis=1) - full_blocks_before_segment
+  )
+  # Orphans (a trailing partial block) join the segment's last full block.
+  block_in_segment = jnp.minimum(position // global_block_size, full_blocks_in_segment - 1)
+  block_ids = jnp.where(
+      jnp.logical_and(mask, block_in_segment >= 0),
+      full_blocks_before_segment + block_in_segment,
+      -1,
+  )
+
+  num_globals = length // global_block_size
+  global_valid = jnp.arange(num_globals)[None, :] < ends_through[:, -1:]
+  # Each full block has exactly one end token: it carries the block's segment id.
+  rows = jnp.arange(batch)[:, None]
+  end_target = jnp.where(is_block_end, block_ids, num_globals)
+  global_segment_ids = (
+      jnp.zeros((batch, num_globals), jnp.int32).at[rows, end_target].set(segment, mode="drop")
+  )
+  return block_ids.astype(jnp.int32), global_segment_ids, global_valid
+
+
+def global_aggregates(x, block_ids, num_globals: int):
+  """Sums token vectors per global block: [batch, length, embed] -> float32 [batch, G, embed].
+
+  A scatter-add, not HF's one-hot einsum, so memory stays O(length · embed). Tokens with
+  block id −1 are left out.
+  """
+  batch = x.shape[0]
+  rows = jnp.arange(batch)[:, None]
+  target = jnp.where(block_ids >= 0, block_ids, num_globals)
+  sums = jnp.zeros((batch, num_globals, x.shape[-1]), jnp.float32)
+  return sums.at[rows, target].add(jnp.asarray(x, jnp.float32), mode="drop")
+
+
+def _check_inputs(x, mask, segment_ids, tables, num_heads: int, num_buckets: int):
+  """Shape checks with the offending values; returns `mask` as bool [batch, length]."""
+  if x.ndim != 3:
+    raise ValueError(f"x must be [batch, length, embed], got shape {x.shape}")
+  batch, length = x.shape[:2]
+  if mask is None:
+    mask = jnp.ones((batch, length), bool)
+  elif mask.shape != (batch, length):
+    raise ValueError(f"mask shape {mask.shape} != (batch, length) = {(batch, length)}")
+  if segment_ids is not None and segment_ids.shape != (batch, length):
+    raise ValueError(
+        f"segment_ids shape {segment_ids.shape} != (batch, length) = {(batch, length)}"
+    )
+  for name, table in tables.items():
+    if table is not None and table.shape != (num_heads, num_buckets):
+      raise ValueError(
+          f"{name} shape {table.shape} != (num_heads, num_buckets) = {(num_heads, num_buckets)}"
+      )
+  return jnp.asarray(mask, bool)
+
+
+class _BlockedLocalAttention(nn.Module):
+  """Shared attributes, projections and the blocked window of both LongT5 layers."""
+
+  num_heads: int
+  head_dim: int = 64
+  local_radius: int = 127
+  num_buckets: int = 32
+  max_distance: int = 128
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+
+  @property
+  def block_len(self) -> int:
+    return self.local_radius + 1
+
+  def setup(self):
+    if self.local_radius < 0:
+      raise ValueError(f"local_radius must be >= 0, got {self.local_radius}")
+    # Same submodule and parameter layout as full attention: `attention/{query,key,value,out}`.
+    self.attention = attention.MultiHeadAttention(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        dropout_rate=self.dropout_rate,
+    )
+
+  def _window_bias(self, rel_embedding):
+    """[heads, block_len, 3 * block_len] float32, the same for every block; or None."""
+    if rel_embedding is None:
+      return None
+    return relative_position.bias_from_embedding(
+        rel_embedding,
+        three_block_relative_positions(self.block_len),
+        bidirectional=True,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+    )
+
+  def _project_blocked(self, x):
+    """Projects and blocks x [batch, length, embed].
+
+    Returns:
+      query [batch, num_blocks, block_len, heads, head_dim] and the 3-block windows of key
+      and value, each [batch, num_blocks, 3 * block_len, heads, head_dim].
+    """
+    query = self.attention.project_query(x)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key, value = self.attention.project_key_value(x)
+    query = split_into_blocks(query, self.block_len, axis=1)
+    key = concat_3_blocks(split_into_blocks(key, self.block_len, axis=1), block_axis=1)
+    value = concat_3_blocks(split_into_blocks(value, self.block_len, axis=1), block_axis=1)
+    return query, key, value
+
+  def _unblock_and_project(self, attended, length: int, embed: int):
+    """[batch, num_blocks, block_len, heads, head_dim] -> [batch, length, embed]."""
+    batch, num_blocks, block_len = attended.shape[:3]
+    attended = attended.reshape(batch, num_blocks * block_len, *attended.shape[3:])[:, :length]
+    out = self.attention.project_output(attended, embed)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class LocalSelfAttention(_BlockedLocalAttention):
+  """LongT5 local attention: each token attends to the tokens within `local_radius`.
+
+  Blocked as in LongT5 (§2.1.1): blocks of `local_radius + 1` tokens, each attending to
+  its own and both neighbouring blocks, masked to the radius, so memory is
+  O(length · local_radius). Used by the LongT5-local baseline and by CoLT5's light
+  attention branch (CoLT5 §3.3: radius 127, a quarter of the heads). Matches
+  transformers' `LongT5LocalAttention` for the same weights (see the module docstring).
+
+  Parameters: `attention/{query,key,value,out}/kernel` exactly as `MultiHeadAttention`.
+  The relative position table is owned by the stack and passed in.
+
+  Attributes:
+    num_heads: attention heads.
+    head_dim: per-head width (64 in T5).
+    local_radius: keys within this many positions on each side are visible; 127 being
+      the LongT5 and CoLT5 default (window 255, blocks of 128).
+    num_buckets, max_distance: T5 relative position buckets (32, 128).
+    dtype: activation dtype; the softmax is float32 whatever it is.
+    dropout_rate: dropout on the attention weights.
+  """
+
+  def __call__(
+      self,
+      x,
+      *,
+      rel_embedding=None,
+      mask=None,
+      segment_ids=None,
+      enable_dropout: bool = False,
+  ):
+    """Local self-attention.
+
+    Args:
+      x: [batch, length, embed], any length (padded internally to whole blocks).
+      rel_embedding: the stack's relative position table [heads, num_buckets], or None
+        for no position bias.
+      mask: bool [batch, length], True = real token; None = all real.
+      segment_ids: int [batch, length] packed-example ids; tokens attend within their own
+        segment only. None = one example per row.
+      enable_dropout: attention-weight dropout ('dropout' rng).
+
+    Returns:
+      [batch, length, embed] in `dtype`; exactly 0 at padding positions.
+    """
+    mask = _check_inputs(
+        x, mask, segment_ids, {"rel_embedding": rel_embedding}, self.num_heads, self.num_buckets
+    )
+    batch, length, embed = x.shape
+    query, key, value = self._project_blocked(x)
+    # [batch, num_blocks, 1, block_len, 3 * block_len], broadcast over heads.
+    window_mask = local_window_mask(mask, segment_ids, self.block_len)[:, :, None]
+    attended = self.attention.attend(
+        query,
+        key,
+        value,
+        mask=window_mask,
+        bias=self._window_bias(rel_embedding),
+        enable_dropout=enable_dropout,
+    )
+    return self._unblock_and_project(attended, length, embed)
+
+
+class TransientGlobalSelfAttention(_BlockedLocalAttention):
+  """LongT5 transient-global (TGlobal) attention (LongT5 §2.1.2; CoLT5 §1.6 baseline).
+
+  Local attention as `LocalSelfAttention`, plus every token attends to all global tokens
+  of its row (of its segment, when packed). Global tokens are recomputed in every layer:
+  the sum of each block of `global_block_size` input vectors (padding excluded, a trailing
+  partial block joining the last full one), RMS-normed by this layer's own
+  `global_input_layer_norm`, and projected with this layer's K and V weights. The global
+  side has its own relative position bias, from the stack-shared `global_rel_embedding`
+  table, over (global index − the query token's block id). Matches transformers'
+  `LongT5TransientGlobalAttention` for the same weights (see the module docstring).
+
+  Parameters: `attention/{query,key,value,out}/kernel` (as `MultiHeadAttention`) and
+  `global_input_layer_norm/scale` [embed].
+
+  Attributes:
+    as `LocalSelfAttention`, plus
+    global_block_size: tokens summed into one global token (16 in LongT5).
+  """
+
+  global_block_size: int = 16
+
+  def setup(self):
+    super().setup()
+    if self.global_block_size < 1:
+      raise ValueError(f"global_block_size must be >= 1, got {self.global_block_size}")
+    self.global_input_layer_norm = normalization.RMSNorm(
+        dtype=self.dtype, param_dtype=self.param_dtype
+    )
+
+  def __call__(
+      self,
+      x,
+      *,
+      rel_embedding=None,
+      global_rel_embedding=None,
+      mask=None,
+      segment_ids=None,
+      enable_dropout: bool = False,
+  ):
+    """Local plus transient-global self-attention.
+
+    Args:
+      x: [batch, length, embed], any length.
+      rel_embedding: the stack's local relative position table [heads, num_buckets]
+        (HF layer 0 `relative_attention_bias`), or None for no local bias.
+      global_rel_embedding: the stack's global-side table [heads, num_buckets] (HF layer 0
+        `global_relative_attention_bias`), or None for no side bias.
+      mask: bool [batch, length], True = real token; None = all real.
+      segment_ids: int [batch, length] packed-example ids, or None.
+      enable_dropout: attention-weight dropout ('dropout' rng).
+
+    Returns:
+      [batch, length, embed] in `dtype`; exactly 0 at padding positions.
+    """
+    mask = _check_inputs(
+        x,
+        mask,
+        segment_ids,
+        {"rel_embedding": rel_embedding, "global_rel_embedding": global_rel_embedding},
+        self.num_heads,
+        self.num_buckets,
+    )
+    batch, length, embed = x.shape
+    block_len = self.block_len
+
+    # Global tokens: block sums of this layer's input, normed (LongT5 §2.1.2).
+    block_ids, global_segment_ids, global_valid = global_block_ids(
+        mask, self.global_block_size, segment_ids
+    )
+    num_globals = global_valid.shape[1]
+    global_inputs = self.global_input_layer_norm(global_aggregates(x, block_ids, num_globals))
+    global_key, global_value = self.attention.project_key_value(global_inputs)
+
+    query, key, value = self._project_blocked(x)
+    num_blocks = query.shape[1]
+
+    def with_globals(window, side):
+      # Every block sees all globals: [batch, num_blocks, 3 * block_len + G, heads, dim].
+      side = jnp.broadcast_to(side[:, None], (batch, num_blocks, *side.shape[1:]))
+      return jnp.concatenate([window, jnp.asarray(side, window.dtype)], axis=2)
+
+    key = with_globals(key, global_key)
+    value = with_globals(value, global_value)
+
+    # Masks: [batch, num_blocks, block_len, 3 * block_len + G].
+    window_mask = local_window_mask(mask, segment_ids, block_len)
+    query_valid = split_into_blocks(mask, block_len, axis=1, pad_value=False)
+    side_mask = jnp.logical_and(query_valid[..., None], global_valid[:, None, None, :])
+    if segment_ids is not None:
+      query_segment = split_into_blocks(segment_ids, block_len, axis=1, pad_value=-1)
+      side_mask = jnp.logical_and(
+          side_mask, query_segment[..., None] == global_segment_ids[:, None, None, :]
+      )
+    full_mask = jnp.concatenate([window_mask, side_mask], axis=-1)[:, :, None]
+
+    # Bias: [batch, num_blocks, heads, block_len, 3 * block_len + G], or None.
+    bias = None
+    if rel_embedding is not None or global_rel_embedding is not None:
+      bias_shape = (batch, num_blocks, self.num_heads, block_len)
+      window_bias = self._window_bias(rel_embedding)
+      if window_bias is None:
+        window_bias = jnp.zeros((*bias_shape, 3 * block_len), jnp.float32)
+      window_bias = jnp.broadcast_to(window_bias, (*bias_shape, 3 * block_len))
+      if global_rel_embedding is None:
+        side_bias = jnp.zeros((*bias_shape, num_globals), jnp.float32)
+      else:
+        query_block_ids = split_into_blocks(block_ids, block_len, axis=1, pad_value=-1)
+        side_relative = (
+            jnp.arange(num_globals, dtype=jnp.int32)[None, None, None, :]
+            - query_block_ids[..., None]
+        )
+        side_bias = relative_position.bias_from_embedding(
+            global_rel_embedding,
+            side_relative,
+            bidirectional=True,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+      bias = jnp.concatenate([window_bias, side_bias], axis=-1)
+
+    attended = self.attention.attend(
+        query, key, value, mask=full_mask, bias=bias, enable_dropout=enable_dropout
+    )
+    return self._unblock_and_project(attended, length, embed)
