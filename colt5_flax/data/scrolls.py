@@ -1,0 +1,650 @@
+"""SCROLLS (Shaham et al., 2022) as seqio tasks: TFDS or the official released files.
+
+The seven tasks (SPEC §3) are released as `<config>/{train,validation,test}.jsonl` (also
+zipped as `<config>.zip`), one row per (example, reference) with fields `id, pid, input,
+output`; rows that share an `id` are one example with several references; test outputs
+are null. `input` already holds the question for the QA tasks, so `inputs = input`.
+
+Two sources, same examples:
+- `scrolls_<task>` reads TFDS `scrolls/<config>:1.0.0`. That builder is in the
+  tensorflow-datasets catalogue (`tensorflow_datasets/text/scrolls`; it downloads the
+  official zips). Machines without internet can build it from the zips with
+  `prepare_tfds_from_local`.
+- `scrolls_<task>_local` reads the official files from a directory: the `data_dir`
+  argument of `register_scrolls_local_tasks`, else the environment variable
+  `SCROLLS_DATA_DIR`, read when the dataset is built (so a cluster sets it per job).
+
+What the tasks do:
+- training keeps one example per row (per reference); validation and test group the rows
+  of an `id` into one example, `targets` = the first reference and `references` = all of
+  them, in file order (like the official evaluator's `drop_duplicates_in_input`);
+- `id` survives preprocessing (with `references`, `inputs_pretokenized`, ...; the
+  feature converter drops them unless passed through, see `passthrough_converter`);
+- a row with an empty `input`, or an empty `output` outside the test split, is skipped,
+  counted (`skipped_counts()`) and logged; a malformed line fails with file:line, a
+  missing field names the field;
+- inputs and targets are cut to the task's lengths (the `sequence_length` the caller
+  passes, else SPEC §3's `FEATURE_LENGTHS`), and the examples cut are counted
+  (`truncation_counts()`) and logged.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import json
+import os
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from colt5_flax.data import metrics, vocabularies
+
+SCROLLS_TASKS = metrics.SCROLLS_TASKS
+TFDS_VERSION = "1.0.0"
+SPLITS = ("train", "validation", "test")
+DATA_DIR_ENV = "SCROLLS_DATA_DIR"
+REQUIRED_FIELDS = ("id", "input", "output")
+
+# SPEC §2-§3 (CoLT5 §5): inputs 16384 tokens (ContractNLI 8192); targets 1024 for
+# GovReport, 512 for the other summarisation tasks, 128 for QA and NLI.
+FEATURE_LENGTHS = {
+    "gov_report": {"inputs": 16384, "targets": 1024},
+    "summ_screen_fd": {"inputs": 16384, "targets": 512},
+    "qmsum": {"inputs": 16384, "targets": 512},
+    "qasper": {"inputs": 16384, "targets": 128},
+    "narrative_qa": {"inputs": 16384, "targets": 128},
+    "quality": {"inputs": 16384, "targets": 128},
+    "contract_nli": {"inputs": 8192, "targets": 128},
+}
+
+# Rows are grouped by id on these splits (and slices of them, e.g. "validation[:10]").
+_GROUPED_SPLITS = ("validation", "test")
+_MAX_SKIP_WARNINGS = 5
+
+_counter_lock = threading.Lock()
+_skipped: collections.Counter = collections.Counter()
+_truncated: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+def _check_task(task: str) -> None:
+  if task not in FEATURE_LENGTHS:
+    raise ValueError(f"Unknown SCROLLS task {task!r}; expected one of {list(SCROLLS_TASKS)}")
+
+
+def feature_lengths(task: str) -> dict[str, int]:
+  """SPEC §3's `{'inputs': ..., 'targets': ...}` token lengths of `task`."""
+  _check_task(task)
+  return dict(FEATURE_LENGTHS[task])
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_jsonl_rows(lines: Iterable[str], source: str) -> Iterator[dict]:
+  """Parses official-format JSONL lines into rows.
+
+  Args:
+    lines: the lines of one `<split>.jsonl` file.
+    source: the file's name, used in error messages and in each row's `_location`.
+
+  Yields:
+    dicts with `id`, `pid` (None when absent), `input`, `output` (None on test) and
+    `_location` = "source:line".
+
+  Raises:
+    ValueError: on a malformed line (with file:line) or a missing field (named).
+  """
+  for line_number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    location = f"{source}:{line_number}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{location}: malformed JSON line ({error})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{location}: expected a JSON object, got {type(row).__name__}")
+    for field in REQUIRED_FIELDS:
+      if field not in row:
+        raise ValueError(f"{location}: missing field {field!r} (fields: {sorted(row)})")
+    if not isinstance(row["input"], str):
+      raise ValueError(f"{location}: field 'input' must be a string, got {row['input']!r:.50}")
+    if row["output"] is not None and not isinstance(row["output"], str):
+      raise ValueError(
+          f"{location}: field 'output' must be a string or null, got {row['output']!r:.50}"
+      )
+    yield {
+        "id": str(row["id"]),
+        "pid": None if row.get("pid") is None else str(row["pid"]),
+        "input": row["input"],
+        "output": row["output"],
+        "_location": location,
+    }
+
+
+def _split_name(split: str) -> str:
+  """'validation[:10%]' -> 'validation'."""
+  return split.split("[", 1)[0]
+
+
+def _open_local_split(
+    data_dir: str, config: str, split: str
+) -> tuple[Callable[[], Iterable[str]], str]:
+  """Where `<config>/<split>.jsonl` lives under `data_dir`: a folder or `<config>.zip`.
+
+  Returns:
+    (a function that opens the file and returns its lines, the file's display name).
+  """
+  split = _split_name(split)
+  plain = os.path.join(data_dir, config, f"{split}.jsonl")
+  if tf.io.gfile.exists(plain):
+
+    def open_plain():
+      with tf.io.gfile.GFile(plain, "r") as f:
+        yield from f
+
+    return open_plain, plain
+  archive = os.path.join(data_dir, f"{config}.zip")
+  if tf.io.gfile.exists(archive):
+    with tf.io.gfile.GFile(archive, "rb") as f, zipfile.ZipFile(f) as zf:
+      names = set(zf.namelist())
+    member = next(
+        (m for m in (f"{config}/{split}.jsonl", f"{split}.jsonl") if m in names), None
+    )
+    if member is None:
+      raise FileNotFoundError(
+          f"{archive} has no {config}/{split}.jsonl (it holds {sorted(names)[:10]})"
+      )
+
+    def open_member():
+      with tf.io.gfile.GFile(archive, "rb") as f, zipfile.ZipFile(f) as zf:
+        with zf.open(member) as raw:
+          yield from io.TextIOWrapper(raw, encoding="utf-8")
+
+    return open_member, f"{archive}!{member}"
+  raise FileNotFoundError(
+      f"SCROLLS {config}/{split}: neither {plain} nor {archive} exists "
+      f"(data_dir={data_dir!r}; set {DATA_DIR_ENV} or pass data_dir)"
+  )
+
+
+def local_rows(data_dir: str, config: str, split: str) -> Iterator[dict]:
+  """The rows of one split of the official files under `data_dir` (see `read_jsonl_rows`)."""
+  open_lines, source = _open_local_split(data_dir, config, split)
+  yield from read_jsonl_rows(open_lines(), source)
+
+
+def tfds_name(config: str) -> str:
+  return f"scrolls/{config}:{TFDS_VERSION}"
+
+
+def tfds_rows(
+    config: str,
+    split: str,
+    tfds_data_dir: str | None = None,
+    shuffle_files: bool = False,
+    seed: int | None = None,
+) -> Iterator[dict]:
+  """The rows of TFDS `scrolls/<config>:1.0.0` (already prepared; nothing is downloaded)."""
+  builder = tfds.builder(tfds_name(config), data_dir=tfds_data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS {tfds_name(config)} is not prepared in {builder.data_dir!r}: run `tfds build "
+        f"scrolls --config {config}` or colt5_flax.data.scrolls.prepare_tfds_from_local"
+    )
+  read_config = tfds.ReadConfig(shuffle_seed=seed) if seed is not None else None
+  dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+  for ex in tfds.as_numpy(dataset):
+    row = {k: ex[k].decode("utf-8") for k in ("id", "pid", "input", "output")}
+    # The TFDS builder stores the test split's null outputs as "".
+    row["_location"] = f"{tfds_name(config)}[{split}] pid={row['pid']}"
+    yield row
+
+
+def prepare_tfds_from_local(config: str, *, tfds_data_dir: str, source_dir: str):
+  """Builds TFDS `scrolls/<config>:1.0.0` from the official files, without downloading.
+
+  The catalogue builder downloads `<config>.zip`; here its download step is replaced by
+  `source_dir` (holding `<config>.zip` or the folder `<config>/`), for clusters that keep
+  the data on their own storage. The prepared dataset is the catalogue's, byte for byte.
+
+  Returns:
+    the prepared `tfds.core.DatasetBuilder`.
+  """
+  _check_task(config)
+  builder = tfds.builder(tfds_name(config), data_dir=tfds_data_dir)
+  catalogue_generate_examples = builder._generate_examples  # pylint: disable=protected-access
+
+  def split_generators(dl_manager):
+    folder = os.path.join(source_dir, config)
+    archive = os.path.join(source_dir, f"{config}.zip")
+    if tf.io.gfile.isdir(folder):
+      root = tfds.core.Path(folder)
+    elif tf.io.gfile.exists(archive):
+      extracted = dl_manager.extract(archive)
+      root = extracted / config if (extracted / config).is_dir() else extracted
+    else:
+      raise FileNotFoundError(f"neither {folder}/ nor {archive} exists")
+    return {split: catalogue_generate_examples(root / f"{split}.jsonl") for split in SPLITS}
+
+  builder._split_generators = split_generators  # pylint: disable=protected-access
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
+  return builder
+
+
+# ------------------------------------------------------------------- rows -> examples
+
+
+def skipped_counts() -> dict[tuple[str, str, str], int]:
+  """`{(task, split, reason): rows skipped}`; reason is 'empty input' or 'empty output'."""
+  with _counter_lock:
+    return dict(_skipped)
+
+
+def _skip_reason(row: Mapping, split: str) -> str | None:
+  if not row["input"].strip():
+    return "empty input"
+  if _split_name(split) != "test" and not (row["output"] or "").strip():
+    return "empty output"
+  return None
+
+
+def _kept_rows(rows: Iterable[dict], task_label: str, split: str) -> Iterator[dict]:
+  """Drops empty rows, counting and logging each (the first few with their location)."""
+  skipped_here = collections.Counter()
+  for row in rows:
+    reason = _skip_reason(row, split)
+    if reason is None:
+      yield row
+      continue
+    skipped_here[reason] += 1
+    with _counter_lock:
+      _skipped[(task_label, _split_name(split), reason)] += 1
+    if sum(skipped_here.values()) <= _MAX_SKIP_WARNINGS:
+      logging.warning(
+          "%s/%s: skipping row with %s at %s", task_label, split, reason, row["_location"]
+      )
+  for reason, count in skipped_here.items():
+    logging.warning("%s/%s: skipped %d rows with %s", task_label, split, count, reason)
+
+
+def _example(row: Mapping, references: list[str]) -> dict:
+  return {
+      "id": row["id"],
+      "inputs": row["input"],
+      "targets": references[0] if references else "",
+      "references": references,
+  }
+
+
+def examples_from_rows(
+    open_rows: Callable[[], Iterable[dict]], split: str, task_label: str
+) -> Callable[[], Iterator[dict]]:
+  """Turns official rows into examples; a generator factory for `from_generator`.
+
+  Training splits keep one example per row. Validation/test splits group rows by `id`:
+  a first pass (run now, so bad files fail here with a plain ValueError) collects each
+  id's references in file order; the generator then yields each id once, where it first
+  appears, with `targets` = its first reference and `references` = all of them.
+
+  Args:
+    open_rows: returns a fresh iterator over the rows (called once or twice).
+    split: the split name (slices like 'validation[:10]' allowed).
+    task_label: the name used in logs and counters.
+
+  Returns:
+    a function returning an iterator of examples
+    `{'id', 'inputs', 'targets': str, 'references': list[str]}`.
+  """
+  if _split_name(split) not in _GROUPED_SPLITS:
+
+    def ungrouped():
+      for row in _kept_rows(open_rows(), task_label, split):
+        yield _example(row, [row["output"]])
+
+    return ungrouped
+
+  references_of: dict[str, list[str]] = {}
+  for row in _kept_rows(open_rows(), task_label, split):
+    references = references_of.setdefault(row["id"], [])
+    if row["output"]:
+      references.append(row["output"])
+
+  def grouped():
+    seen = set()
+    for row in open_rows():
+      if row["id"] in seen or row["id"] not in references_of:
+        continue
+      if _skip_reason(row, split) is not None:
+        continue  # counted in the first pass; a later row of this id carries the example
+      seen.add(row["id"])
+      yield _example(row, references_of[row["id"]])
+
+  return grouped
+
+
+_EXAMPLE_SIGNATURE = {
+    "id": tf.TensorSpec([], tf.string),
+    "inputs": tf.TensorSpec([], tf.string),
+    "targets": tf.TensorSpec([], tf.string),
+    "references": tf.TensorSpec([None], tf.string),
+}
+
+
+def _dataset_from_examples(make_examples: Callable[[], Iterator[dict]]) -> tf.data.Dataset:
+  return tf.data.Dataset.from_generator(make_examples, output_signature=_EXAMPLE_SIGNATURE)
+
+
+def _tfds_dataset_fn(split, shuffle_files, seed=None, *, config, tfds_data_dir, task_label):
+  data_dir = tfds_data_dir or seqio.utils._get_data_dir_override(tfds_name(config))  # pylint: disable=protected-access
+  open_rows = functools.partial(tfds_rows, config, split, data_dir, shuffle_files, seed)
+  return _dataset_from_examples(examples_from_rows(open_rows, split, task_label))
+
+
+def _local_dataset_fn(split, shuffle_files, seed=None, *, config, data_dir, task_label):
+  del shuffle_files, seed  # one file per split: nothing to shuffle at the file level
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+  if not data_dir:
+    raise ValueError(
+        f"{task_label}: no SCROLLS data directory; pass data_dir to "
+        f"register_scrolls_local_tasks or set {DATA_DIR_ENV}"
+    )
+  open_rows = functools.partial(local_rows, data_dir, config, split)
+  return _dataset_from_examples(examples_from_rows(open_rows, split, task_label))
+
+
+# -------------------------------------------------------------- seqio preprocessing
+
+
+def truncation_counts() -> dict[str, dict[str, int]]:
+  """`{task: {'examples': seen, 'inputs': cut, 'targets': cut}}` since the last reset."""
+  with _counter_lock:
+    return {task: dict(counts) for task, counts in _truncated.items()}
+
+
+def reset_counts() -> None:
+  """Clears the truncation and skipped-row counters."""
+  with _counter_lock:
+    _truncated.clear()
+    _skipped.clear()
+
+
+def _record_truncation(task_label, inputs_cut, targets_cut, inputs_length, targets_length):
+  task_label = task_label.numpy().decode("utf-8")
+  with _counter_lock:
+    counts = _truncated[task_label]
+    counts["examples"] += 1
+    counts["inputs"] += int(inputs_cut.numpy())
+    counts["targets"] += int(targets_cut.numpy())
+    snapshot = dict(counts)
+  for feature, cut, length in (
+      ("inputs", inputs_cut, inputs_length),
+      ("targets", targets_cut, targets_length),
+  ):
+    count = snapshot[feature]
+    # Log the 1st, 2nd, 4th, 8th... truncation: visible without flooding the log.
+    if bool(cut.numpy()) and count & (count - 1) == 0:
+      logging.warning(
+          "%s: %d of %d examples so far had %s longer than %d tokens (truncated)",
+          task_label,
+          count,
+          snapshot["examples"],
+          feature,
+          int(length.numpy()),
+      )
+  return True
+
+
+def count_and_truncate(
+    dataset: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature],
+    sequence_length: Mapping[str, int] | None = None,
+    *,
+    task_label: str,
+    default_lengths: Mapping[str, int],
+) -> tf.data.Dataset:
+  """Cuts `inputs`/`targets` token ids to fit their lengths and counts the examples cut.
+
+  A seqio preprocessor for after tokenisation and before `append_eos_after_trim`: a
+  feature with `add_eos` keeps room for its EOS. The lengths are `sequence_length` where
+  it names the feature, else `default_lengths`. Counts go to `truncation_counts()`.
+
+  Args:
+    dataset: examples with `inputs` and `targets` int32 `[length]`.
+    output_features: the task's features (seqio passes them).
+    sequence_length: the caller's lengths (seqio passes them), or None.
+    task_label: the key of the counters.
+    default_lengths: lengths used when `sequence_length` does not name a feature.
+
+  Returns:
+    the dataset with `inputs`/`targets` cut to `length - add_eos` tokens.
+  """
+  lengths = {}
+  for feature in ("inputs", "targets"):
+    length = (sequence_length or {}).get(feature) or default_lengths[feature]
+    lengths[feature] = length - int(output_features[feature].add_eos)
+
+  def cut(example):
+    example = dict(example)
+    was_cut = {f: tf.size(example[f]) > lengths[f] for f in lengths}
+    recorded = tf.py_function(
+        _record_truncation,
+        [
+            task_label,
+            was_cut["inputs"],
+            was_cut["targets"],
+            lengths["inputs"] + int(output_features["inputs"].add_eos),
+            lengths["targets"] + int(output_features["targets"].add_eos),
+        ],
+        Tout=tf.bool,
+    )
+    with tf.control_dependencies([recorded]):
+      for feature, length in lengths.items():
+        example[feature] = tf.identity(example[feature][:length])
+    return example
+
+  return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def postprocess(output, example=None, is_target=False):
+  """seqio postprocess_fn: targets become the example's list of references."""
+  if is_target and example is not None and "references" in example:
+    references = [
+        r.decode("utf-8") if isinstance(r, bytes) else str(r) for r in example["references"]
+    ]
+    return references or [output]
+  return output
+
+
+def passthrough_converter(features=("id", "references")) -> seqio.EncDecFeatureConverter:
+  """An unpacked `EncDecFeatureConverter` that keeps `features` next to the model features.
+
+  Pass `{'id': 1, 'references': max_refs}` extra lengths? No: seqio pads every passthrough
+  feature to its `sequence_length`, so give `sequence_length['id'] = 1`-style lengths only
+  for rank-1 features. For ids and references, prefer `Task.get_dataset` (raw examples in
+  the same order when `shuffle=False`).
+  """
+  specs = {
+      name: seqio.FeatureConverter.FeatureSpec(dtype=tf.string, rank=0 if name == "id" else 1)
+      for name in features
+  }
+  return seqio.EncDecFeatureConverter(pack=False, passthrough_features=specs)
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def _add_task(name: str, **kwargs) -> seqio.Task:
+  # Re-registering replaces: importing or registering twice never raises.
+  seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(name, **kwargs)
+
+
+def _add_mixture(name: str, task_names: list[str]) -> None:
+  seqio.MixtureRegistry.remove(name)
+  # Equal rates (ours): the paper fine-tunes per task; the mixture is for multi-task runs.
+  seqio.MixtureRegistry.add(name, task_names, default_rate=1.0)
+
+
+def _register(task_name: str, source: seqio.DataSource, task: str, vocabulary) -> None:
+  output_features = {
+      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+  }
+  _add_task(
+      task_name,
+      source=source,
+      output_features=output_features,
+      preprocessors=[
+          seqio.preprocessors.tokenize,
+          functools.partial(
+              count_and_truncate, task_label=task_name, default_lengths=FEATURE_LENGTHS[task]
+          ),
+          seqio.preprocessors.append_eos_after_trim,
+      ],
+      postprocess_fn=postprocess,
+      metric_fns=[metrics.scrolls_metric_fn(task)],
+  )
+
+
+def _default_vocabulary():
+  # Lazy: the file is checked (and read) at first use, never at registration.
+  return vocabularies.sentencepiece_vocabulary(check_exists=False)
+
+
+def register_scrolls_tasks(
+    vocabulary: seqio.Vocabulary | None = None,
+    *,
+    tfds_data_dir: str | None = None,
+    name_suffix: str = "",
+) -> list[str]:
+  """Registers `scrolls_<task><name_suffix>` (TFDS) and the mixture `scrolls<name_suffix>`.
+
+  Args:
+    vocabulary: the vocabulary of inputs and targets; default T5's SentencePiece model
+      (not read until used).
+    tfds_data_dir: where the TFDS data lives; default seqio's override, else TFDS's.
+    name_suffix: appended to every name (e.g. '_byte').
+
+  Returns:
+    the task names, in `SCROLLS_TASKS` order.
+  """
+  vocabulary = vocabulary or _default_vocabulary()
+  names = []
+  for task in SCROLLS_TASKS:
+    name = f"scrolls_{task}{name_suffix}"
+    dataset_fn = functools.partial(
+        _tfds_dataset_fn, config=task, tfds_data_dir=tfds_data_dir, task_label=name
+    )
+    _register(name, seqio.FunctionDataSource(dataset_fn, splits=SPLITS), task, vocabulary)
+    names.append(name)
+  _add_mixture(f"scrolls{name_suffix}", names)
+  return names
+
+
+def register_scrolls_local_tasks(
+    data_dir: str | None = None,
+    vocabulary: seqio.Vocabulary | None = None,
+    *,
+    name_suffix: str = "",
+) -> list[str]:
+  """Registers `scrolls_<task>_local<name_suffix>` and the mixture `scrolls_local<suffix>`.
+
+  Args:
+    data_dir: the folder holding `<config>.zip` or `<config>/<split>.jsonl`; None reads
+      the environment variable SCROLLS_DATA_DIR each time a dataset is built.
+    vocabulary: as in `register_scrolls_tasks`.
+    name_suffix: appended to every name.
+
+  Returns:
+    the task names, in `SCROLLS_TASKS` order.
+  """
+  vocabulary = vocabulary or _default_vocabulary()
+  names = []
+  for task in SCROLLS_TASKS:
+    name = f"scrolls_{task}_local{name_suffix}"
+    dataset_fn = functools.partial(
+        _local_dataset_fn, config=task, data_dir=data_dir, task_label=name
+    )
+    _register(name, seqio.FunctionDataSource(dataset_fn, splits=SPLITS), task, vocabulary)
+    names.append(name)
+  _add_mixture(f"scrolls_local{name_suffix}", names)
+  return names
+
+
+def references_by_id(data_dir: str, task: str, split: str = "validation") -> dict[str, list[str]]:
+  """`{id: [references...]}` of one split of the official files under `data_dir`.
+
+  For the scoring and submission scripts. Rows are read, checked and skipped exactly as
+  the tasks do; on the test split the lists are empty (outputs are null).
+  """
+  _check_task(task)
+  label = f"scrolls_{task}_local"
+  grouped: dict[str, list[str]] = {}
+  for row in _kept_rows(local_rows(data_dir, task, split), label, split):
+    references = grouped.setdefault(row["id"], [])
+    if row["output"]:
+      references.append(row["output"])
+  return grouped
+
+
+# ------------------------------------------------------------------------ predictions
+
+
+def read_predictions(path: str) -> dict[str, str]:
+  """`{id: prediction}` from a JSONL file of `{"id": ..., "prediction": ...}` lines.
+
+  Raises:
+    ValueError: a malformed line (file:line), a missing field (named), a prediction that
+      is not a string, or an id seen twice (named, with both lines).
+  """
+  predictions: dict[str, str] = {}
+  first_line: dict[str, int] = {}
+  with tf.io.gfile.GFile(path, "r") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      location = f"{path}:{line_number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise ValueError(f"{location}: malformed JSON line ({error})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{location}: expected a JSON object")
+      for field in ("id", "prediction"):
+        if field not in record:
+          raise ValueError(f"{location}: missing field {field!r}")
+      example_id, prediction = str(record["id"]), record["prediction"]
+      if not isinstance(prediction, str):
+        raise ValueError(f"{location}: prediction of id {example_id!r} is not a string")
+      if example_id in predictions:
+        raise ValueError(
+            f"{location}: duplicate prediction for id {example_id!r} "
+            f"(first at line {first_line[example_id]})"
+        )
+      predictions[example_id] = prediction
+      first_line[example_id] = line_number
+  return predictions
+
+
+def check_prediction_ids(task: str, predicted_ids: Iterable[str], expected_ids: Iterable[str]):
+  """Raises ValueError naming the ids missing from, or unknown to, `task`'s predictions."""
+  predicted, expected = set(predicted_ids), set(expected_ids)
+  missing = sorted(expected - predicted)
+  unknown = sorted(predicted - expected)
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing ids (e.g. {', '.join(map(repr, missing[:5]))})")
+  if unknown:
+    problems.append(f"{len(unknown)} unknown ids (e.g. {', '.join(map(repr, unknown[:5]))})")
+  if problems:
+    raise ValueError(f"{task}: predictions do not match the references: {'; '.join(problems)}")
