@@ -72,10 +72,10 @@ class EncoderLayer(nn.Module):
     h = RMSNorm(dtype=self.dtype, name="pre_attention_layer_norm")(x)
     h = self.attention_factory(name="attention")(
         h,
-        rel_embeddings=rel_embeddings,
         mask=mask,
         segment_ids=segment_ids,
         enable_dropout=enable_dropout,
+        **rel_embeddings,
     )
     x = x + _dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = RMSNorm(dtype=self.dtype, name="pre_mlp_layer_norm")(x)
@@ -254,15 +254,16 @@ class Encoder(nn.Module):
   def __call__(self, embedded, mask, segment_ids=None, *, enable_dropout: bool = False):
     """embedded [batch, length, embed], mask [batch, length] bool -> [batch, length, embed]."""
     spec = self.attention_factory().relative_bias_spec()
+    # T5 and LongT5 share each relative-position table across the layers of a stack.
     rel_embeddings = {
-        name: relative_position.RelativePositionBias(
+        keyword: relative_position.RelativePositionBias(
             num_heads=heads,
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
             bidirectional=True,
-            name=f"relpos_bias_{name}",
+            name=keyword.replace("rel_embedding", "relpos_bias"),
         ).embedding()
-        for name, heads in sorted(spec.items())
+        for keyword, heads in sorted(spec.items())
     }
     x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
     x = jnp.asarray(x, self.dtype)

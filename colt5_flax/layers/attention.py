@@ -307,10 +307,11 @@ class SelfAttention(MultiHeadAttention):
   Every encoder attention (this one, `LocalSelfAttention`, `TransientGlobalSelfAttention`,
   `ConditionalAttention`) has the same interface, so the encoder swaps them through one
   factory:
-    - `relative_bias_spec()` names the stack-shared relative-position tables the module
-      reads and their head counts; the stack creates one table per name and passes them
-      all to every layer.
-    - `__call__(x, *, rel_embeddings, mask, segment_ids, enable_dropout)`.
+    - `relative_bias_spec()` maps each stack-shared relative-position table the module
+      reads (by the keyword argument that receives it) to its head count; the stack
+      creates one table per entry and passes each to every layer under that keyword.
+    - `__call__(x, *, mask, segment_ids, enable_dropout, **tables)`, each table
+      [heads, num_buckets].
 
   Attributes (beyond MultiHeadAttention's):
     num_buckets, max_distance: T5 relative position buckets (32, 128).
@@ -321,16 +322,16 @@ class SelfAttention(MultiHeadAttention):
 
   def relative_bias_spec(self) -> dict[str, int]:
     """{table name: heads} of the stack-shared relative-position tables this reads."""
-    return {"self_attention": self.num_heads}
+    return {"rel_embedding": self.num_heads}
 
-  def __call__(self, x, *, rel_embeddings, mask=None, segment_ids=None, enable_dropout=False):
+  def __call__(self, x, *, rel_embedding, mask=None, segment_ids=None, enable_dropout=False):
     """x [batch, length, embed]; mask [batch, length] bool; returns [batch, length, embed].
 
     `segment_ids` [batch, length] keeps packed examples apart.
     """
     positions = jnp.arange(x.shape[1])
     bias = relative_position.bias_from_embedding(
-        rel_embeddings["self_attention"],
+        rel_embedding,
         relative_position.relative_positions(positions, positions),
         bidirectional=True,
         num_buckets=self.num_buckets,

@@ -247,6 +247,10 @@ class _BlockedLocalAttention(nn.Module):
   def block_len(self) -> int:
     return self.local_radius + 1
 
+  def relative_bias_spec(self) -> dict[str, int]:
+    """{keyword argument: heads} of the stack-shared relative-position tables read."""
+    return {"rel_embedding": self.num_heads}
+
   def setup(self):
     if self.local_radius < 0:
       raise ValueError(f"local_radius must be >= 0, got {self.local_radius}")
@@ -378,6 +382,10 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
   """
 
   global_block_size: int = 16
+
+  def relative_bias_spec(self) -> dict[str, int]:
+    """The local window's table and the global side's, both shared by the stack."""
+    return {"rel_embedding": self.num_heads, "global_rel_embedding": self.num_heads}
 
   def setup(self):
     super().setup()
