@@ -1,0 +1,1 @@
+"""Importers of public checkpoints into colt5-flax networks (transformers' T5 and LongT5)."""

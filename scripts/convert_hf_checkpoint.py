@@ -1,0 +1,120 @@
+r"""Converts a local transformers T5 / LongT5 checkpoint into an orbax checkpoint of our params.
+
+  python scripts/convert_hf_checkpoint.py \
+    --hf_dir=/path/to/long-t5-tglobal-base --output_dir=/tmp/longt5_tglobal_base \
+    [--dtype=float32] > longt5_tglobal_base.gin
+
+--hf_dir is a directory written by `save_pretrained` (config.json plus model.safetensors,
+sharded safetensors, or pytorch_model.bin). It is read with `local_files_only=True`: nothing
+is downloaded. Weights are read with safetensors when present, otherwise with
+`torch.load(weights_only=True)`; no pickled code is ever run.
+
+Output layout: `--output_dir` is one orbax `StandardCheckpointer` checkpoint (StandardSave)
+of the parameter tree alone, `{"token_embedder": ..., "encoder": ..., "decoder": ...,
+["logits_dense": ...]}`, exactly `nn.unbox(variables["params"])` of `convert.hf.from_hf`
+(plain arrays in `--dtype`; no optimizer state, no step). It is what
+`colt5_flax.checkpoints.restore_params` reads as a parameter-tree checkpoint, so it can be a
+run's `INITIAL_CHECKPOINT_PATH` (fine-tuning from the converted weights) or the checkpoint
+of an evaluation; `ocp.StandardCheckpointer().restore(output_dir)` reads it too. A float32
+restore target casts bfloat16-stored params back. The directory must not exist.
+
+Standard output: the gin bindings of the matching network (sizes, encoder kind,
+multi-head cross-attention, tied or untied logits), to include in a model gin file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from colt5_flax.convert import hf
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Local transformers checkpoint directory.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Orbax checkpoint directory to create (must not exist)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Dtype of the stored parameters."
+)
+
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_hf_model(hf_dir: str):
+  """Loads `T5ForConditionalGeneration` / `LongT5ForConditionalGeneration` from a local dir.
+
+  Raises:
+    FileNotFoundError: no directory, config.json or weights file.
+    ValueError: a model type other than t5 / longt5.
+  """
+  import transformers  # Only this script needs transformers (and torch).
+
+  if not os.path.isdir(hf_dir):
+    raise FileNotFoundError(f"--hf_dir={hf_dir!r} is not a directory")
+  if not os.path.exists(os.path.join(hf_dir, "config.json")):
+    raise FileNotFoundError(f"{os.path.join(hf_dir, 'config.json')} does not exist")
+  files = set(os.listdir(hf_dir))
+  use_safetensors = bool(files & set(_SAFETENSORS))
+  if not use_safetensors and not files & set(_PICKLED):
+    raise FileNotFoundError(
+        f"{hf_dir} holds none of {_SAFETENSORS + _PICKLED}; files: {sorted(files)}"
+    )
+  config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+  classes = {
+      "t5": transformers.T5ForConditionalGeneration,
+      "longt5": transformers.LongT5ForConditionalGeneration,
+  }
+  if config.model_type not in classes:
+    raise ValueError(
+        f"{hf_dir}/config.json has model_type={config.model_type!r}; expected 't5' or 'longt5'"
+    )
+  model = classes[config.model_type].from_pretrained(
+      hf_dir,
+      config=config,
+      local_files_only=True,
+      use_safetensors=use_safetensors,
+      # pytorch_model.bin is a pickle: only tensors may come out of it.
+      weights_only=True,
+  )
+  return model.eval()
+
+
+def convert_checkpoint(hf_dir: str, output_dir: str, dtype: str = "float32") -> str:
+  """Converts `hf_dir` and writes the params to `output_dir`; returns the gin bindings."""
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir):
+    raise ValueError(f"--output_dir={output_dir!r} exists; choose a new directory")
+  model = load_hf_model(hf_dir)
+  arch = hf.architecture_from_hf(model)
+  _, variables = hf.from_hf(model)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), nn.unbox(variables["params"]))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(output_dir, params)
+  checkpointer.wait_until_finished()
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  logging.info("wrote %d parameters (%s) to %s", num_params, dtype, output_dir)
+  header = (
+      f"# Converted by scripts/convert_hf_checkpoint.py from {os.path.abspath(hf_dir)}\n"
+      f"# ({type(model).__name__}, {num_params} parameters); params: {output_dir}\n"
+  )
+  return header + hf.gin_bindings(arch)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _HF_DIR.value or not _OUTPUT_DIR.value:
+    raise app.UsageError("--hf_dir and --output_dir are required")
+  print(convert_checkpoint(_HF_DIR.value, _OUTPUT_DIR.value, _DTYPE.value), end="")
+
+
+if __name__ == "__main__":
+  app.run(main)
