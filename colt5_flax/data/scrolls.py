@@ -18,8 +18,9 @@ What the tasks do:
 - training keeps one example per row (per reference); validation and test group the rows
   of an `id` into one example, `targets` = the first reference and `references` = all of
   them, in file order (like the official evaluator's `drop_duplicates_in_input`);
-- `id` survives preprocessing (with `references`, `inputs_pretokenized`, ...; the
-  feature converter drops them unless passed through, see `passthrough_converter`);
+- `id` survives preprocessing (with `references`, `inputs_pretokenized`, ...); the
+  feature converter drops them unless told to carry them
+  (`tasks.EncDecFeatureConverterWithPassthrough`, e.g. for `id`);
 - a row with an empty `input`, or an empty `output` outside the test split, is skipped,
   counted (`skipped_counts()`) and logged; a malformed line fails with file:line, a
   missing field names the field;
@@ -463,21 +464,6 @@ def postprocess(output, example=None, is_target=False):
     ]
     return references or [output]
   return output
-
-
-def passthrough_converter(features=("id", "references")) -> seqio.EncDecFeatureConverter:
-  """An unpacked `EncDecFeatureConverter` that keeps `features` next to the model features.
-
-  Pass `{'id': 1, 'references': max_refs}` extra lengths? No: seqio pads every passthrough
-  feature to its `sequence_length`, so give `sequence_length['id'] = 1`-style lengths only
-  for rank-1 features. For ids and references, prefer `Task.get_dataset` (raw examples in
-  the same order when `shuffle=False`).
-  """
-  specs = {
-      name: seqio.FeatureConverter.FeatureSpec(dtype=tf.string, rank=0 if name == "id" else 1)
-      for name in features
-  }
-  return seqio.EncDecFeatureConverter(pack=False, passthrough_features=specs)
 
 
 # ------------------------------------------------------------------------ registration

@@ -10,7 +10,8 @@ Gin files import it (`import colt5_flax.data.tasks`) and then name tasks by stri
 - SCROLLS from the official files in $SCROLLS_DATA_DIR: `scrolls_<task>_local`,
   `scrolls_<task>_local_byte`; mixtures `scrolls_local`, `scrolls_local_byte`;
 - UL2 pretraining on TFDS `c4/en:3.0.1`: `ul2_c4` (T5 SentencePiece); on local text
-  files, `ul2.register_ul2_text_task(name, file_pattern)`.
+  files, `ul2.register_ul2_text_task(name, file_pattern)`; the PEGASUS ablation (CoLT5
+  Table 6): `pegasus_c4`.
 
 with `<task>` one of gov_report, summ_screen_fd, qmsum, qasper, narrative_qa, quality,
 contract_nli. Registration replaces existing entries, so importing or reloading twice
@@ -41,6 +42,7 @@ def register_default_tasks() -> list[str]:
   names += scrolls.register_scrolls_local_tasks(vocabulary=byte_vocabulary, name_suffix="_byte")
   names.append("scrolls_local_byte")
   names.append(ul2.register_ul2_c4_task().name)
+  names.append(ul2.register_pegasus_c4_task().name)
   _DEFAULT_TASKS[:] = names
   return names
 

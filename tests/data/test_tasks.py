@@ -8,7 +8,7 @@ import seqio
 from colt5_flax.data import scrolls, tasks, vocabularies
 
 EXPECTED = (
-    ["synthetic_kv_retrieval", "ul2_c4", "scrolls", "scrolls_byte", "scrolls_local"]
+    ["synthetic_kv_retrieval", "ul2_c4", "pegasus_c4", "scrolls", "scrolls_byte", "scrolls_local"]
     + [f"scrolls_{t}" for t in scrolls.SCROLLS_TASKS]
     + [f"scrolls_{t}_byte" for t in scrolls.SCROLLS_TASKS]
     + [f"scrolls_{t}_local" for t in scrolls.SCROLLS_TASKS]
