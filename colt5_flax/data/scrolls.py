@@ -17,7 +17,9 @@ Two sources, same examples:
 What the tasks do:
 - training keeps one example per row (per reference); validation and test group the rows
   of an `id` into one example, `targets` = the first reference and `references` = all of
-  them, in file order (like the official evaluator's `drop_duplicates_in_input`);
+  them (like the official evaluator's `drop_duplicates_in_input`), in file order for the
+  local tasks and in TFDS's (shuffled) write order for the TFDS ones; the metric takes the
+  best reference, so the order only decides which one is `targets`;
 - `id` survives preprocessing (with `references`, `inputs_pretokenized`, ...); the
   feature converter drops them unless told to carry them
   (`tasks.EncDecFeatureConverterWithPassthrough`, e.g. for `id`);
