@@ -225,7 +225,7 @@ class EncoderDecoderModel:
     """Decoded token ids [batch, length] ([batch, num_decodes, length] with all decodes)."""
     tokens, _ = self.predict_batch_with_aux(
         params, batch, rng, decoder_params, return_all_decodes, num_decodes
-    )
+    )  # t5x's predict_batch never prompts with the targets.
     return tokens
 
   def predict_batch_with_aux(
@@ -236,14 +236,19 @@ class EncoderDecoderModel:
       decoder_params: Mapping[str, Any] | None = None,
       return_all_decodes: bool = False,
       num_decodes: int = 1,
+      prompt_with_targets: bool = False,
   ):
     """Runs the encoder once, fills the decode cache, then decodes with `decode_fn`.
 
     The target length of `batch["decoder_input_tokens"]` is the maximum decode length.
+    As in t5x, the decoder starts from nothing unless `prompt_with_targets`, which forces
+    `decoder_input_tokens` as a prompt.
     Returns (tokens, {"scores": log-probabilities}).
     """
     encoder_tokens = batch["encoder_input_tokens"]
     decoder_prompt = jnp.asarray(batch["decoder_input_tokens"])
+    if not prompt_with_targets:
+      decoder_prompt = jnp.zeros_like(decoder_prompt)
     module = self.module
     encoded = module.apply(
         {"params": params}, encoder_tokens, enable_dropout=False, method=module.encode

@@ -339,22 +339,24 @@ class Decoder(nn.Module):
         bidirectional=False,
         name="relpos_bias",
     )
-    target_length = embedded.shape[1]
+    batch, target_length = embedded.shape[:2]
     if decode:
       is_initialized = self.has_variable("cache", "position")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-      # The cache's slots, one per target position, are the keys of every step.
+      # The cache's slots, one per target position, are the keys of every step. Kept per
+      # example ([batch, length]) so decoders can expand the cache along the batch.
+      slots = jnp.arange(target_length, dtype=jnp.int32)
       key_positions = self.variable(
-          "cache", "key_positions", lambda: jnp.arange(target_length, dtype=jnp.int32)
+          "cache", "key_positions", lambda: jnp.broadcast_to(slots, (batch, target_length))
       ).value
       if is_initialized:
-        query_positions = position.value[None]
+        query_positions = jnp.broadcast_to(position.value, (key_positions.shape[0], 1))
         position.value = position.value + 1
       else:
         query_positions = key_positions
     else:
-      query_positions = key_positions = jnp.arange(target_length)
-    bias = relpos(relative_position.relative_positions(query_positions, key_positions))[None]
+      query_positions = key_positions = jnp.arange(target_length)[None]
+    bias = relpos(relative_position.relative_positions(query_positions, key_positions))
 
     x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
     x = jnp.asarray(x, self.dtype)
