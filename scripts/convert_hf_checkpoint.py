@@ -18,8 +18,13 @@ run's `INITIAL_CHECKPOINT_PATH` (fine-tuning from the converted weights) or the 
 of an evaluation; `ocp.StandardCheckpointer().restore(output_dir)` reads it too. A float32
 restore target casts bfloat16-stored params back. The directory must not exist.
 
-Standard output: the gin bindings of the matching network (sizes, encoder kind,
-multi-head cross-attention, tied or untied logits), to include in a model gin file.
+Standard output: a model gin file for the converted network, in the style of
+configs/models/*.gin: it includes the project's architecture file for the encoder kind
+(configs/architectures/{t5_1_1,longt5_local,longt5_tglobal}.gin) and sets the size macros,
+multi-head cross-attention, `SCAN_LAYERS = False` (the params are stored per layer) and
+whatever the architecture leaves at a default the checkpoint does not share (tied T5 v1.0
+output layer, relative buckets). Save it as e.g. configs/models/my_longt5.gin and train
+with `--gin_file=models/my_longt5.gin --gin.INITIAL_CHECKPOINT_PATH="'<output_dir>'"`.
 """
 
 from __future__ import annotations

@@ -284,76 +284,71 @@ def build_network(
   )
 
 
-def gin_bindings(arch: T5Architecture) -> str:
-  """Gin bindings (dynamic registration) that build the network `build_network(arch)` builds.
+# The project's architecture file for each encoder kind (configs/architectures/).
+_ARCHITECTURE_FILES = {
+    "full": "architectures/t5_1_1.gin",
+    "local": "architectures/longt5_local.gin",
+    "transient_global": "architectures/longt5_tglobal.gin",
+}
+_ATTENTION_CONFIGURABLES = {
+    "full": "attention.SelfAttention",
+    "local": "local_attention.LocalSelfAttention",
+    "transient_global": "local_attention.TransientGlobalSelfAttention",
+}
 
-  Returns the text of a gin file; parse it and call `network.EncoderDecoder(name=...)`.
+
+def gin_bindings(arch: T5Architecture) -> str:
+  """A model gin file (as configs/models/*.gin) for the network `build_network(arch)` builds.
+
+  It includes the project's architecture file for the encoder kind (found through the
+  `configs/` search path) and sets its size macros; what those files leave at a default
+  the converted model does not share (relative buckets, the tied output layer) is bound
+  directly. Dropout and the activation dtype stay the run's choice (`DROPOUT_RATE`,
+  `ACTIVATION_DTYPE`); `SCAN_LAYERS = False` because the converted parameters are stored
+  per layer (`layers_<i>`).
   """
-  if arch.logits_scale != 1.0 and not arch.logits_via_embedding:
-    note = "# logits_dense kernel holds the d_model^-0.5 rescale (untied T5 v1.0 head)\n"
-  else:
-    note = ""
   kind = arch.encoder_attention
-  attention_ref = {
-      "full": "attention.SelfAttention",
-      "local": "local_attention.LocalSelfAttention",
-      "transient_global": "local_attention.TransientGlobalSelfAttention",
-  }[kind]
+  attention_ref = _ATTENTION_CONFIGURABLES[kind]
   lines = [
       "from __gin__ import dynamic_registration",
-      "from colt5_flax import network",
-      "from colt5_flax.layers import attention",
-      "from colt5_flax.layers import local_attention",
-      "from colt5_flax.layers import mlp",
       "",
+      "from colt5_flax import network",
+      f"from colt5_flax.layers import {attention_ref.split('.')[0]}",
+      "",
+      f"include '{_ARCHITECTURE_FILES[kind]}'",
+      "",
+      f"VOCAB_SIZE = {arch.vocab_size}",
       f"EMBED_DIM = {arch.embed_dim}",
       f"NUM_HEADS = {arch.num_heads}",
       f"HEAD_DIM = {arch.head_dim}",
       f"MLP_DIM = {arch.mlp_dim}",
       f"NUM_ENCODER_LAYERS = {arch.num_encoder_layers}",
       f"NUM_DECODER_LAYERS = {arch.num_decoder_layers}",
-      f"NUM_BUCKETS = {arch.num_buckets}",
-      f"MAX_DISTANCE = {arch.max_distance}",
-      f"DROPOUT_RATE = {arch.dropout_rate}",
-      "",
-      f"network.EncoderDecoder.vocab_size = {arch.vocab_size}",
-      "network.EncoderDecoder.embed_dim = %EMBED_DIM",
-      f"network.EncoderDecoder.logits_via_embedding = {arch.logits_via_embedding}",
-      "network.EncoderDecoder.encoder_factory = @network.Encoder",
-      "network.EncoderDecoder.decoder_factory = @network.Decoder",
-      "",
-      "network.Encoder.num_layers = %NUM_ENCODER_LAYERS",
-      f"network.Encoder.attention_factory = @{attention_ref}",
-      "network.Encoder.feed_forward_factory = @mlp.GatedMlp",
-      "network.Encoder.dropout_rate = %DROPOUT_RATE",
-      "network.Encoder.num_buckets = %NUM_BUCKETS",
-      "network.Encoder.max_distance = %MAX_DISTANCE",
-      f"{attention_ref}.num_heads = %NUM_HEADS",
-      f"{attention_ref}.head_dim = %HEAD_DIM",
-      f"{attention_ref}.num_buckets = %NUM_BUCKETS",
-      f"{attention_ref}.max_distance = %MAX_DISTANCE",
-      f"{attention_ref}.dropout_rate = %DROPOUT_RATE",
   ]
   if kind != "full":
-    lines.append(f"{attention_ref}.local_radius = {arch.local_radius}")
+    lines.append(f"LOCAL_RADIUS = {arch.local_radius}")
   if kind == "transient_global":
-    lines.append(f"{attention_ref}.global_block_size = {arch.global_block_size}")
+    lines.append(f"GLOBAL_BLOCK_SIZE = {arch.global_block_size}")
   lines += [
-      "mlp.GatedMlp.hidden_dim = %MLP_DIM",
-      "mlp.GatedMlp.dropout_rate = %DROPOUT_RATE",
-      "",
-      "network.Decoder.num_layers = %NUM_DECODER_LAYERS",
-      "network.Decoder.num_heads = %NUM_HEADS",
-      "network.Decoder.head_dim = %HEAD_DIM",
-      "network.Decoder.mlp_dim = %MLP_DIM",
-      "network.Decoder.num_self_attention_kv_heads = None",
-      "# Multi-head cross-attention, as T5/LongT5 (CoLT5 uses 1, multi-query).",
-      "network.Decoder.num_cross_attention_kv_heads = None",
-      "network.Decoder.dropout_rate = %DROPOUT_RATE",
-      "network.Decoder.num_buckets = %NUM_BUCKETS",
-      "network.Decoder.max_distance = %MAX_DISTANCE",
+      "# T5 and LongT5 use multi-head cross-attention (CoLT5: 1, multi-query).",
+      "NUM_CROSS_ATTENTION_KV_HEADS = None",
+      "# The converted parameters are per layer (layers_<i>), not stacked for nn.scan.",
+      "SCAN_LAYERS = False",
+      f"# transformers' config had dropout_rate={arch.dropout_rate}; runs set DROPOUT_RATE.",
   ]
-  return note + "\n".join(lines) + "\n"
+  if arch.logits_via_embedding:
+    lines += [
+        "# T5 v1.0 output: tied to the embedding, rescaled by d_model^-0.5.",
+        "network.EncoderDecoder.logits_via_embedding = True",
+    ]
+  elif arch.logits_scale != 1.0:
+    lines.append("# logits_dense holds T5 v1.0's d_model^-0.5 rescale (untied output layer).")
+  if (arch.num_buckets, arch.max_distance) != (32, 128):
+    lines.append("# Relative position buckets other than T5's 32 / 128.")
+    for configurable in ("network.Encoder", attention_ref, "network.Decoder"):
+      lines.append(f"{configurable}.num_buckets = {arch.num_buckets}")
+      lines.append(f"{configurable}.max_distance = {arch.max_distance}")
+  return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -207,6 +207,28 @@ def test_other_model_types_raise():
 
 # ----------------------------------------------------------------------------- script
 
+_CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
+
+
+def _with_gin_network(gin_text, use):
+  """Parses a printed model file (float32 activations) and returns `use(network)`.
+
+  The factories gin binds are read when the network is traced, so `use` runs while the
+  config is live; the config is cleared afterwards.
+  """
+  if not (_CONFIGS / "architectures").is_dir():
+    pytest.skip("configs/architectures/ is not in this checkout")
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(_CONFIGS))
+    gin.parse_config(gin_text)
+    # Architecture files default to bfloat16 activations; compare in float32.
+    gin.parse_config("ACTIVATION_DTYPE = 'float32'")
+    return use(gin.get_configurable(network.EncoderDecoder)())
+  finally:
+    gin.clear_config()
+
+
 
 @pytest.fixture(scope="module")
 def script():
@@ -260,14 +282,7 @@ def test_script_end_to_end(script, saved_t5, tmp_path):
   # The printed gin builds the network that, with the restored plain arrays, gives
   # transformers' logits.
   batch = _batch(seed=1)
-  gin.clear_config()
-  try:
-    gin.parse_config(gin_text)
-    # The bound factories are read when the network is traced: keep the config until then.
-    net = gin.get_configurable(network.EncoderDecoder)()
-    ours = _our_logits(net, {"params": restored}, *batch)
-  finally:
-    gin.clear_config()
+  ours = _with_gin_network(gin_text, lambda net: _our_logits(net, {"params": restored}, *batch))
   _assert_logits_match(ours, _hf_logits(model, *batch), batch[2])
 
 
@@ -310,13 +325,10 @@ def test_gin_bindings_build_the_converted_network(kind):
   """Parameter tree (paths, shapes, axis names) of the gin-built network == the converted one."""
   model = _hf_model(kind, tied=False)
   net, variables = hf.from_hf(model)
-  gin.clear_config()
-  try:
-    gin.parse_config(hf.gin_bindings(hf.architecture_from_hf(model)))
-    gin_net = gin.get_configurable(network.EncoderDecoder)()
-    gin_params = hf.abstract_variables(gin_net)["params"]
-  finally:
-    gin.clear_config()
+  gin_params = _with_gin_network(
+      hf.gin_bindings(hf.architecture_from_hf(model)),
+      lambda net: hf.abstract_variables(net)["params"],
+  )
   got = traverse_util.flatten_dict(gin_params)
   expected = traverse_util.flatten_dict(variables["params"])
   assert set(got) == set(expected)
