@@ -1,0 +1,192 @@
+"""Flags and gin parsing shared by `colt5_flax.train`, `.evaluate` and `.infer` (t5x's CLI).
+
+    python -m colt5_flax.train \\
+      --gin_file=runs/test_tiny.gin \\
+      --gin.MODEL_DIR="'/tmp/run'" --gin.TRAIN_STEPS=100 \\
+      --gin_search_paths=/my/configs
+
+- `--gin_file` (repeatable) are parsed in order, later files override earlier ones; a
+  relative path is looked up in `--gin_search_paths` (default: the current directory and
+  this repository's `configs/`).
+- `--gin.NAME=VALUE` becomes the binding `NAME = VALUE` (t5x's shorthand for
+  `--gin_bindings`), applied after the files. VALUE is a gin (Python) literal: strings need
+  their own quotes, `--gin.MODEL_DIR="'/tmp/run'"`.
+- `--multiprocess` (alias `--multiprocess_gpu`) calls `jax.distributed.initialize()` first,
+  with `--coordinator_address`, `--process_count`, `--process_index` when given.
+
+Module code has no gin decorators: the entry point wraps its function at run time
+(`gin.configurable(train)`, as t5x's `train.py` does), and gin files bind it through
+dynamic registration (`from colt5_flax import train as train_script`,
+`train_script.train.model_dir = %MODEL_DIR`).
+
+Checks made before anything compiles: gin's own (unknown configurable or parameter:
+`ValueError`/`NameError`/`AttributeError` naming the binding), a macro set on the command
+line that no configuration reads (a typo such as `--gin.TRAIN_STEP=5`), and a required
+macro left unset (`MODEL_DIR = %gin.REQUIRED`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gin
+from absl import app, flags, logging
+
+from colt5_flax import partitioning
+
+_REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_DEFAULT_SEARCH_PATHS = ["."] + ([str(_REPO_CONFIGS)] if _REPO_CONFIGS.is_dir() else [])
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", None, "Gin config files, parsed in order (repeatable).")
+flags.DEFINE_multi_string(
+    "gin_bindings", [], "Gin bindings applied after the files; `--gin.NAME=VALUE` is short for "
+    "`--gin_bindings='NAME = VALUE'`."
+)
+flags.DEFINE_list(
+    "gin_search_paths", _DEFAULT_SEARCH_PATHS, "Directories searched for gin files (comma list)."
+)
+flags.DEFINE_bool(
+    "multiprocess", False, "Multi-host run: call jax.distributed.initialize() before anything else."
+)
+flags.DEFINE_alias("multiprocess_gpu", "multiprocess")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("process_count", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_index", None, "This process's index (multi-host).")
+
+_MACRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_REQUIRED_MACRO = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = %gin\.REQUIRED$", re.MULTILINE)
+_MACRO_REFERENCE = re.compile(r"%([A-Za-z_][A-Za-z0-9_.]*)")
+
+
+def rewrite_gin_args(args: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE`; other arguments unchanged.
+
+  Raises:
+    ValueError: for `--gin.NAME` without `=VALUE`.
+  """
+
+  def rewrite(arg: str) -> str:
+    if not arg.startswith("--gin."):
+      return arg
+    if "=" not in arg:
+      raise ValueError(f"Gin bindings must be of the form --gin.NAME=VALUE, got {arg!r}")
+    name, value = arg[len("--gin.") :].split("=", 1)
+    return f"--gin_bindings={name} = {value}"
+
+  return [rewrite(arg) for arg in args]
+
+
+def parse_gin_flags(
+    gin_search_paths: Sequence[str],
+    gin_files: Sequence[str] | None,
+    gin_bindings: Sequence[str],
+    *,
+    finalize_config: bool = True,
+) -> None:
+  """Parses the files, then the bindings, then checks the bindings (see module docstring).
+
+  Raises:
+    ValueError: an unparsable or unknown binding, or an unused command-line macro.
+    FileNotFoundError: a gin file that is in no search path.
+  """
+  for path in gin_search_paths:
+    gin.add_config_file_search_path(path)
+  gin_files = [_find_gin_file(name, gin_search_paths) for name in gin_files or []]
+  try:
+    gin.parse_config_files_and_bindings(
+        gin_files, list(gin_bindings), finalize_config=False, skip_unknown=False
+    )
+  except (NameError, AttributeError, SyntaxError) as error:
+    # gin's message names the binding and its file/line; ValueError is the project's type
+    # for bad user input.
+    raise ValueError(f"Invalid gin configuration: {error}") from error
+  check_command_line_macros(gin_bindings)
+  if finalize_config:
+    gin.finalize()
+  logging.info("Gin configuration:\n%s", gin.config_str())
+
+
+def _find_gin_file(name: str, search_paths: Sequence[str]) -> str:
+  candidates = [name] if os.path.isabs(name) else [os.path.join(p, name) for p in search_paths]
+  for candidate in candidates:
+    if os.path.exists(candidate):
+      return candidate
+  raise FileNotFoundError(
+      f"--gin_file={name!r} not found in the search paths {list(search_paths)}"
+  )
+
+
+def check_command_line_macros(gin_bindings: Sequence[str]) -> None:
+  """Raises ValueError for a `NAME = VALUE` binding whose macro nothing reads.
+
+  Gin accepts any new macro silently, so `--gin.TRAIN_STEP=5` (for TRAIN_STEPS) would
+  otherwise train with the default. Bindings of configurable parameters
+  (`module.fn.param = ...`) are checked by gin itself.
+  """
+  config = gin.config_str()
+  referenced = set(_MACRO_REFERENCE.findall(config))
+  defined = set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*) = ", config, re.MULTILINE))
+  for binding in gin_bindings:
+    for line in binding.splitlines():
+      name = line.split("=", 1)[0].strip()
+      if "=" not in line or not _MACRO_NAME.match(name):
+        continue
+      if name not in referenced:
+        candidates = difflib.get_close_matches(name, sorted((referenced | defined) - {name}), n=3)
+        hint = f"; did you mean {' or '.join(candidates)}?" if candidates else ""
+        raise ValueError(
+            f"Unknown gin binding {line.strip()!r}: no configuration reads the macro "
+            f"{name}{hint}"
+        )
+
+
+def check_required_macros() -> None:
+  """Raises ValueError naming each macro still bound to `%gin.REQUIRED`."""
+  missing = sorted(set(_REQUIRED_MACRO.findall(gin.config_str())))
+  if missing:
+    examples = " ".join(f"--gin.{name}=..." for name in missing)
+    raise ValueError(
+        f"Required gin macro(s) not set: {', '.join(missing)}; pass them, e.g. {examples} "
+        "(strings quoted: --gin.MODEL_DIR=\"'/path/to/run'\")"
+    )
+
+
+def operative_config() -> str:
+  """The gin configuration the run actually used (t5x writes it to MODEL_DIR/config.gin)."""
+  return gin.operative_config_str()
+
+
+def configure_main(function: Callable, argv: Sequence[str]) -> Callable:
+  """The shared start of the three entry points' `main`.
+
+  Initialises multi-host JAX when asked, parses and checks gin, and returns `function`
+  wrapped by `gin.configurable` (so the gin file's `<module>.<function>.*` bindings apply).
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+  if FLAGS.multiprocess:
+    partitioning.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.process_count, FLAGS.process_index
+    )
+  parse_gin_flags(
+      FLAGS.gin_search_paths, FLAGS.gin_file, FLAGS.gin_bindings, finalize_config=False
+  )
+  check_required_macros()
+  try:
+    # Registered by the gin file's dynamic registration (`train_script.train.x = ...`).
+    configured = gin.get_configurable(function)
+  except ValueError:
+    # Not mentioned by any file: register it (before finalizing, which locks the registry).
+    configured = gin.configurable(function)
+  gin.finalize()
+  return configured
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+  """`absl.app.run` after rewriting `--gin.NAME=VALUE` arguments."""
+  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(rewrite_gin_args(argv)))

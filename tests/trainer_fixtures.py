@@ -1,0 +1,195 @@
+"""Shared pieces of the trainer, checkpoint and CLI tests.
+
+- `tiny_model()`: the T5.1.1 network of `configs/runs/test_tiny.gin`, built in Python for
+  the in-process tests (embed 32, 2 encoder + 1 decoder layers, byte vocabulary).
+- `random_batch()`: a seqio-shaped encoder-decoder batch of random byte tokens.
+- `python -m tests.trainer_fixtures ARGS`: runs `colt5_flax.train` and, when
+  `COLT5_TEST_SIGKILL_AFTER_STEP=<step>` is set, SIGKILLs itself right after the
+  checkpoint of that step is complete; with `COLT5_TEST_SIGTERM_AT_STEP=<step>` it sends
+  itself SIGTERM once that step has run. Signals at known points: no timing races.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import seqio
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_GIN = REPO_ROOT / "configs" / "runs" / "test_tiny.gin"
+SIGKILL_ENV = "COLT5_TEST_SIGKILL_AFTER_STEP"
+SIGTERM_ENV = "COLT5_TEST_SIGTERM_AT_STEP"
+
+VOCAB_SIZE = 384  # ByteVocabulary's 259 ids, padded to a multiple of 128 (t5x habit)
+INPUT_LENGTH = 64
+TARGET_LENGTH = 8
+
+
+def tiny_model(dropout_rate: float = 0.0, loss_normalizing_factor=None):
+  """The test_tiny.gin model: T5.1.1, embed 32, 2+1 layers, 2 heads of 8, MLP 64."""
+  from colt5_flax import model as model_lib
+  from colt5_flax import network
+
+  encoder = network.t5_encoder_factory(
+      num_layers=2, num_heads=2, head_dim=8, mlp_dim=64, dropout_rate=dropout_rate
+  )
+
+  def decoder(**kwargs):
+    return network.Decoder(
+        num_layers=1, num_heads=2, head_dim=8, mlp_dim=64, dropout_rate=dropout_rate, **kwargs
+    )
+
+  module = network.EncoderDecoder(
+      vocab_size=VOCAB_SIZE, embed_dim=32, encoder_factory=encoder, decoder_factory=decoder
+  )
+  vocabulary = seqio.ByteVocabulary()
+  return model_lib.EncoderDecoderModel(
+      module, vocabulary, vocabulary, loss_normalizing_factor=loss_normalizing_factor
+  )
+
+
+@functools.cache
+def tiny_trainer(num_partitions: int | None, *, num_microbatches: int = 1,
+                 dropout_rate: float = 0.0, batch_size: int = 8):
+  """A Trainer of `tiny_model` (Adafactor, constant 0.01), cached for the whole session.
+
+  `num_partitions=None` puts it on a one-device mesh (the reference); otherwise on all
+  eight simulated devices as (8 / num_partitions, num_partitions). The cache shares the
+  compiled steps between test modules.
+  """
+  import jax
+
+  from colt5_flax import optimizers, partitioning
+  from colt5_flax import trainer as trainer_lib
+
+  if num_partitions is None:
+    partitioner = partitioning.Partitioner(num_partitions=1, devices=[jax.devices()[0]])
+  else:
+    partitioner = partitioning.Partitioner(num_partitions=num_partitions)
+  schedule = optimizers.constant_schedule(0.01)
+  return trainer_lib.Trainer(
+      tiny_model(dropout_rate),
+      partitioner,
+      optimizers.adafactor(schedule),
+      schedule,
+      trainer_lib.encdec_batch_shapes(
+          batch_size, {"inputs": INPUT_LENGTH, "targets": TARGET_LENGTH}
+      ),
+      num_microbatches=num_microbatches,
+      seed=0,
+  )
+
+
+@functools.cache
+def initial_host_state():
+  """The initial TrainState of `tiny_trainer(None)`, as numpy (copy it onto any mesh)."""
+  import jax
+
+  return jax.device_get(tiny_trainer(None).create_state())
+
+
+def random_batch(seed: int, batch_size: int, *, input_length=INPUT_LENGTH,
+                 target_length=TARGET_LENGTH, min_target_length=1) -> dict[str, np.ndarray]:
+  """Byte tokens with EOS and ragged padding, shaped like seqio's EncDecFeatureConverter."""
+  rng = np.random.default_rng(seed)
+  inputs = np.zeros((batch_size, input_length), np.int32)
+  targets = np.zeros((batch_size, target_length), np.int32)
+  for row in range(batch_size):
+    n_in = int(rng.integers(input_length // 2, input_length + 1))
+    n_out = int(rng.integers(min_target_length, target_length + 1))
+    inputs[row, :n_in] = rng.integers(3, 259, n_in)
+    inputs[row, n_in - 1] = 1
+    targets[row, :n_out] = rng.integers(3, 259, n_out)
+    targets[row, n_out - 1] = 1
+  decoder_inputs = np.zeros_like(targets)
+  decoder_inputs[:, 1:] = targets[:, :-1]
+  return {
+      "encoder_input_tokens": inputs,
+      "decoder_target_tokens": targets,
+      "decoder_input_tokens": decoder_inputs,
+      "decoder_loss_weights": (targets > 0).astype(np.int32),
+  }
+
+
+def subprocess_env(compilation_cache_dir: str | None = None, num_devices: int = 2
+                   ) -> dict[str, str]:
+  """Environment of a CLI subprocess: `num_devices` CPU devices, quiet TF, a compile cache.
+
+  The persistent compilation cache lets the second and later processes of a test reuse
+  the first one's executables (the same config compiles the same programs).
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env["CUDA_VISIBLE_DEVICES"] = ""
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+  if compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
+
+
+def run_cli(module: str, args: list[str], *, env: dict[str, str], timeout: float = 300,
+            check: bool = True) -> subprocess.CompletedProcess:
+  """`python -m <module> <args>` from the repository root; raises with its output if it fails."""
+  process = subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+  if check and process.returncode != 0:
+    raise AssertionError(
+        f"{module} {' '.join(args)} exited {process.returncode}\n"
+        f"--- stdout ---\n{process.stdout[-4000:]}\n--- stderr ---\n{process.stderr[-8000:]}"
+    )
+  return process
+
+
+def _install_sigkill_after(step: int) -> None:
+  from colt5_flax import checkpoints
+
+  original_save = checkpoints.Checkpointer.save
+
+  def save_then_maybe_die(self, state, *args, **kwargs):
+    saved = original_save(self, state, *args, **kwargs)
+    if int(state.step) >= step:
+      self.wait_until_finished()  # the checkpoint is complete (finalized) ...
+      os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies without cleanup.
+    return saved
+
+  checkpoints.Checkpointer.save = save_then_maybe_die
+
+
+def _install_sigterm_at(step: int) -> None:
+  from colt5_flax import trainer as trainer_lib
+
+  original_step = trainer_lib.Trainer.train_step
+
+  def step_then_maybe_signal(self, state, batch):
+    new_state, metrics = original_step(self, state, batch)
+    if int(new_state.step) == step:
+      os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would, mid-run
+    return new_state, metrics
+
+  trainer_lib.Trainer.train_step = step_then_maybe_signal
+
+
+if __name__ == "__main__":
+  if os.environ.get(SIGKILL_ENV):
+    _install_sigkill_after(int(os.environ[SIGKILL_ENV]))
+  if os.environ.get(SIGTERM_ENV):
+    _install_sigterm_at(int(os.environ[SIGTERM_ENV]))
+  from colt5_flax import train
+
+  train.console_entry_point()
