@@ -133,6 +133,17 @@ class EncoderDecoderModel:
         raise ValueError(
             f"{name} holds token id {int(bad)} outside the vocabulary [0, {vocab_size})"
         )
+    for name, like in (
+        ("encoder_segment_ids", "encoder_input_tokens"),
+        ("encoder_positions", "encoder_input_tokens"),
+        ("decoder_segment_ids", "decoder_input_tokens"),
+        ("decoder_positions", "decoder_input_tokens"),
+        ("decoder_loss_weights", "decoder_input_tokens"),
+    ):
+      if name in batch and np.shape(batch[name]) != np.shape(batch[like]):
+        raise ValueError(
+            f"{name} shape {np.shape(batch[name])} != {like} shape {np.shape(batch[like])}"
+        )
     batch_sizes = {name: np.shape(batch[name])[0] for name in batch if np.ndim(batch[name])}
     if len(set(batch_sizes.values())) > 1:
       raise ValueError(f"features disagree on the batch size: {batch_sizes}")

@@ -400,7 +400,6 @@ class EncoderDecoder(nn.Module):
     decoder_factory: builds the `Decoder`.
     logits_via_embedding: tie the output layer to the token embedding (T5 v1.0);
       T5.1.1 and CoLT5 use a separate `logits_dense` (False).
-    dropout_rate: used by the embedding dropout; the stacks carry their own.
   """
 
   vocab_size: int
@@ -474,6 +473,25 @@ class EncoderDecoder(nn.Module):
       max_decode_length: accepted for t5x compatibility; the cache length fixes it.
     """
     del decoder_positions, max_decode_length  # Relative positions need no absolute ones.
+    if decoder_target_tokens.shape != decoder_input_tokens.shape:
+      raise ValueError(
+          f"decoder_target_tokens shape {decoder_target_tokens.shape} != "
+          f"decoder_input_tokens shape {decoder_input_tokens.shape}"
+      )
+    if encoded.shape[:2] != encoder_input_tokens.shape:
+      raise ValueError(
+          f"encoded [batch, length] {encoded.shape[:2]} != encoder_input_tokens shape "
+          f"{encoder_input_tokens.shape}"
+      )
+    if encoded.shape[0] != decoder_input_tokens.shape[0]:
+      raise ValueError(
+          f"encoder batch {encoded.shape[0]} != decoder batch {decoder_input_tokens.shape[0]}"
+      )
+    if (decoder_segment_ids is None) != (encoder_segment_ids is None):
+      raise ValueError(
+          "packed batches need both encoder_segment_ids and decoder_segment_ids; got only "
+          + ("decoder_segment_ids" if encoder_segment_ids is None else "encoder_segment_ids")
+      )
     encoder_mask = encoder_input_tokens > 0
     if decode:
       self_attention_mask = None  # The cache masks what is not yet written.
@@ -543,7 +561,16 @@ class EncoderDecoder(nn.Module):
 
 
 def t5_encoder_factory(
-    *, num_layers, num_heads, mlp_dim, head_dim=64, dropout_rate=0.0, dtype=jnp.float32, **kwargs
+    *,
+    num_layers,
+    num_heads,
+    mlp_dim,
+    head_dim=64,
+    dropout_rate=0.0,
+    dtype=jnp.float32,
+    num_buckets=32,
+    max_distance=128,
+    **kwargs,
 ):
   """The T5.1.1 encoder (full attention, dense gated MLP) as an `Encoder` factory."""
   return functools.partial(
@@ -555,11 +582,15 @@ def t5_encoder_factory(
           head_dim=head_dim,
           dropout_rate=dropout_rate,
           dtype=dtype,
+          num_buckets=num_buckets,
+          max_distance=max_distance,
       ),
       feed_forward_factory=functools.partial(
           GatedMlp, hidden_dim=mlp_dim, dropout_rate=dropout_rate, dtype=dtype
       ),
       dropout_rate=dropout_rate,
       dtype=dtype,
+      num_buckets=num_buckets,
+      max_distance=max_distance,
       **kwargs,
   )

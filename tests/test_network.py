@@ -441,12 +441,6 @@ def test_validate_batch_names_mismatched_shapes(model):
     model.validate_batch(batch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate_batch compares only batch sizes for segment ids and positions "
-    "(model.py; see the report)",
-    raises=pytest.fail.Exception,  # DID NOT RAISE
-)
 @pytest.mark.parametrize(
     "feature,like", [("encoder_segment_ids", "encoder_input_tokens"),
                      ("decoder_positions", "decoder_target_tokens")]
@@ -458,12 +452,6 @@ def test_validate_batch_names_mismatched_packing_features(model, feature, like):
     model.validate_batch(batch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EncoderDecoder.decode does not check that decoder_target_tokens and "
-    "decoder_input_tokens agree; jnp raises an unnamed broadcasting error (see the report)",
-    raises=TypeError,
-)
 def test_network_names_mismatched_decoder_shapes():
   net = _network()
   inputs, decoder_inputs, targets = _decode_batch()
@@ -475,12 +463,6 @@ def test_network_names_mismatched_decoder_shapes():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="t5_encoder_factory forwards num_buckets/max_distance to Encoder only, not to "
-    "SelfAttention, whose default 32 buckets then reject the stack's table (see the report)",
-    raises=ValueError,
-)
 def test_t5_encoder_factory_passes_relative_buckets_to_attention():
   factory = network.t5_encoder_factory(
       num_layers=1, num_heads=HEADS, mlp_dim=MLP, head_dim=HEAD_DIM,
