@@ -13,7 +13,8 @@ What a run leaves in `MODEL_DIR`:
 - `checkpoint_<step>/`: orbax checkpoints (state + data position), see `checkpoints.py`;
 - `train_metrics.jsonl`: one JSON object per logged step: `step`, `loss`, `accuracy`,
   `learning_rate`, `steps_per_sec`, `z_loss`, `cross_ent_loss`, `grad_norm`,
-  `num_tokens`, `routing/*` (averages over the steps since the previous line);
+  `num_tokens`, `routing/*` (averages over the steps since the previous line;
+  `steps_per_sec` counts training time only, evaluation and saving excluded);
 - `eval_metrics.jsonl`: one object per evaluation: `step`, `eval/<task>/<metric>`;
 - `train/`, `eval/`: TensorBoard summaries (clu metric writers);
 - `memory.json` with `REPORT_MEMORY = True`: the compiled step's memory analysis.
@@ -87,19 +88,34 @@ def train_batches(
   return dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-class _PreemptionSignal:
-  """Turns SIGTERM into a flag the loop checks between steps (restored on exit)."""
+class _Preemption:
+  """Whether to save and stop: SIGTERM on one host, JAX's preemption sync point on many.
 
-  def __init__(self):
+  One process: a SIGTERM handler sets a flag the loop checks between steps (the previous
+  handler is restored on exit). Several processes must agree on the step at which they
+  all stop and save, so they ask JAX's preemption sync manager (started by
+  `jax.distributed.initialize`, which also catches SIGTERM) through orbax at every step.
+  """
+
+  def __init__(self, checkpointer: checkpoints.Checkpointer):
+    self._checkpointer = checkpointer
+    self._multi_host = jax.process_count() > 1
     self.received = False
     self._previous = None
 
   def __enter__(self):
+    if self._multi_host:
+      return self
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     else:
       logging.warning("Not in the main thread: SIGTERM will not trigger a checkpoint")
     return self
+
+  def check(self, step: int) -> bool:
+    if self._multi_host and not self.received:
+      self.received = self._checkpointer.manager.reached_preemption(step)
+    return self.received
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -265,7 +281,7 @@ def train(
   train_log = model_path / "train_metrics.jsonl"
   eval_log = model_path / "eval_metrics.jsonl"
 
-  with _PreemptionSignal() as preemption:
+  with _Preemption(checkpointer) as preemption:
     try:
       # -- State: resume, fine-tune, or start fresh -------------------------------------
       latest_step = checkpointer.latest_step()
@@ -317,9 +333,9 @@ def train(
       # -- The loop -----------------------------------------------------------------------
       unchecked = None  # (step, metrics) whose loss is not yet checked for finiteness
       window: list[dict[str, jax.Array]] = []
-      window_start = time.time()
+      window_start, window_overhead = time.time(), 0.0  # overhead: evaluation and saving
       for step in range(start_step, train_steps):
-        if preemption.received:
+        if preemption.check(step):
           break
         local_batch = next(batches)
         model.validate_batch(local_batch)
@@ -342,7 +358,7 @@ def train(
 
         if new_step % log_period == 0 or is_last or preemption.received:
           _check_finite(*unchecked, model_dir, checkpointer)
-          elapsed = time.time() - window_start
+          elapsed = time.time() - window_start - window_overhead
           summary = _summarize(window)
           summary["steps_per_sec"] = len(window) / max(elapsed, 1e-9)
           eta = (train_steps - new_step) / summary["steps_per_sec"]
@@ -354,8 +370,9 @@ def train(
           )
           train_writer.write_scalars(new_step, summary)
           evaluate_lib.append_jsonl(train_log, {"step": new_step, **summary})
-          window, window_start = [], time.time()
+          window, window_start, window_overhead = [], time.time(), 0.0
 
+        overhead_start = time.time()
         eval_metrics = None
         if eval_period and (new_step % eval_period == 0 or is_last):
           _check_finite(*unchecked, model_dir, checkpointer)
@@ -379,6 +396,7 @@ def train(
         if new_step % checkpoint_period == 0 or is_last or preemption.received or save_for_best:
           _check_finite(*unchecked, model_dir, checkpointer)
           checkpointer.save(state, position(), metrics=eval_metrics if save_for_best else None)
+        window_overhead += time.time() - overhead_start
 
       if preemption.received:
         if unchecked is not None:

@@ -116,13 +116,14 @@ def test_step_on_4x2_mesh_equals_step_on_one_device():
   # The mesh really splits the work: vocabulary and MLP on `model`.
   assert state_m.params["logits_dense"]["kernel"].sharding.spec == P(None, "model")
   assert state_m.params["encoder"]["layers_0"]["mlp"]["wi_0"].sharding.spec == P(None, "model")
-  # Same arithmetic up to float32 reassociation of the sharded sums (~1e-7 relative).
+  # Same arithmetic up to float32 reassociation of the sharded sums: measured ~7e-8
+  # relative in the loss and < 1e-8 absolute in the updated parameters.
   np.testing.assert_allclose(float(metrics_m["loss"]), float(metrics_1["loss"]), rtol=1e-6)
   np.testing.assert_allclose(
       float(metrics_m["grad_norm"]), float(metrics_1["grad_norm"]), rtol=1e-5
   )
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
       (state_m.params, state_m.opt_state),
       (state_1.params, state_1.opt_state),
   )
@@ -151,3 +152,14 @@ def test_steps_trace_with_activation_constraints():
   )
   with trainer.partitioner.context():
     jax.eval_shape(trainer._train_step, trainer.abstract_state, trainer.abstract_batch())
+
+
+def test_microbatched_step_lowers_on_the_mesh():
+  # The microbatch constraint [2, 4, ...] on (None, 'data') must be valid on a real mesh
+  # (the numerical check of microbatching runs on one device, in test_trainer.py).
+  trainer = trainer_fixtures.tiny_trainer(2, num_microbatches=2)
+  with trainer.partitioner.context():
+    lowered = trainer._jitted_train_step.lower(trainer.abstract_state, trainer.abstract_batch())
+  # The constraint is in the program (Shardy): microbatch rows on `data`.
+  text = lowered.as_text()
+  assert 'sharding_constraint' in text and '[{}, {"data"}, {}]> : tensor<2x4x64xi32>' in text

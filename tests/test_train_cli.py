@@ -115,34 +115,49 @@ def test_indivisible_batch_fails_before_compiling(clean_gin, monkeypatch, tmp_pa
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  # An infinite learning rate sends the parameters to inf in step 1; step 2's loss is NaN.
-  # train() called from Python (no gin), on one device to keep the compile small.
+def test_initial_checkpoint_then_non_finite_loss_stops_the_run(tmp_path):
+  """INITIAL_CHECKPOINT_PATH's parameters train; then a non-finite loss stops the run.
+
+  An infinite learning rate sends the parameters to inf in step 1, so step 2's loss is
+  NaN. train() is called from Python (no gin), on one device to keep the compile small.
+  """
   import jax
 
   from colt5_flax import optimizers, partitioning
 
+  # Pretrained parameters: the tiny model's initial ones, scaled so they differ from
+  # what train() would initialise by itself.
+  pretrained = jax.tree.map(lambda x: 1.5 * x, trainer_fixtures.initial_host_state().params)
+  ocp.PyTreeCheckpointer().save(tmp_path / "pretrained", {"params": pretrained})
+  model = trainer_fixtures.tiny_model()
+  lengths = {"inputs": 64, "targets": 8}
   model_dir = tmp_path / "run"
   with pytest.raises(FloatingPointError, match=r"Non-finite loss (nan|inf) at step 2.*\(step 1\)"):
     train_lib.train(
-        model=trainer_fixtures.tiny_model(),
+        model=model,
         model_dir=str(model_dir),
         mixture_or_task_name=TASK,
-        task_feature_lengths={"inputs": 64, "targets": 8},
+        task_feature_lengths=lengths,
         train_steps=3,
         batch_size=8,
         partitioner=partitioning.Partitioner(devices=[jax.devices()[0]]),
         learning_rate_schedule=optimizers.constant_schedule(float("inf")),
+        initial_checkpoint_path=str(tmp_path / "pretrained"),
         checkpoint_period=1,
         eval_period=0,
         log_period=1,
     )
   reader = checkpoints.Checkpointer(str(model_dir))
-  assert reader.all_steps() == [1]
+  assert reader.all_steps() == [1]  # the last finite state; nothing saved after it
   reader.close()
   lines = _jsonl(model_dir / "train_metrics.jsonl")
   assert [line["step"] for line in lines] == [1]
-  assert np.isfinite(lines[0]["loss"])
+
+  # Step 1's loss is the pretrained parameters' loss on the first training batch.
+  first_batch = next(train_lib.train_batches(
+      TASK, lengths, 8, seed=0, shard_info=partitioning.Partitioner().host_shard_info()))
+  expected_loss, _ = model.loss_fn(pretrained, first_batch, None)
+  assert lines[0]["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
 
 
 # -- The command line (subprocesses) --------------------------------------------------------

@@ -233,8 +233,9 @@ def test_microbatched_step_equals_whole_batch_step():
   for name in ("loss", "accuracy", "num_tokens", "z_loss", "grad_norm"):
     np.testing.assert_allclose(float(metrics_m[name]), float(metrics_w[name]), rtol=1e-5,
                                err_msg=name)
+  # Measured: identical loss, parameters within 1e-8 (the scan sums in another order).
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
       state_m.params,
       state_w.params,
   )
