@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "rouge-score>=0.1.2",
     "seqio>=0.0.20",
     "sentencepiece>=0.2.0",
+    # clu's metric writers import it without declaring it.
+    "tensorboard>=2.18",
     # Not tensorflow-cpu: tensorflow-text requires the full package.
     "tensorflow>=2.18",
     "tensorflow-datasets>=4.9.10",

@@ -112,10 +112,7 @@ class Partitioner:
     constrain_activations: trace the steps under the rules, so that the layers'
       `nn.with_logical_constraint(x, ('batch', 'length', 'embed'))` pin activations
       (t5x's behaviour). False leaves activation layouts to XLA's propagation from the
-      parameter and batch shardings. False by default for now: under the rules, flax's
-      `DenseGeneral` constrains its flattened kernel initialiser with the unflattened
-      kernel's axis names, which fails for `layers/attention.py`'s [embed, heads, kv]
-      projections (even in `apply`, where flax checks the initialiser's shape).
+      parameter and batch shardings.
   """
 
   num_partitions: int = 1
@@ -123,7 +120,7 @@ class Partitioner:
       default_factory=standard_logical_axis_rules
   )
   devices: Sequence[jax.Device] | None = None
-  constrain_activations: bool = False
+  constrain_activations: bool = True
 
   @functools.cached_property
   def mesh(self) -> Mesh:

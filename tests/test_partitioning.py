@@ -133,11 +133,6 @@ def test_step_on_4x2_mesh_equals_step_on_one_device():
   assert np.abs(np.asarray(state_m.params["logits_dense"]["kernel"]) - before).max() > 1e-4
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=True,
-    reason="layers/attention.py: flax DenseGeneral constrains its flat kernel init with 3 "
-    "axis names under the rules; when this passes, make constrain_activations the default",
-)
 def test_steps_trace_with_activation_constraints():
   from colt5_flax import optimizers
   from colt5_flax import trainer as trainer_lib

@@ -146,6 +146,36 @@ class KeyValueCache(nn.Module):
     return key, value, written
 
 
+class _EmbedToHeads(nn.Module):
+  """Projection [..., embed] -> [..., heads, head_dim] (param `kernel` [embed, heads, kv]).
+
+  The kernel is created at its full 3-D shape so its logical axis names apply as written
+  (flax's DenseGeneral constrains a flattened kernel, which three names do not fit).
+  """
+
+  num_heads: int
+  head_dim: int
+  axes: tuple[str, str, str]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    def flat_init(key, shape, dtype):
+      # Initialised as the [embed, heads * kv] matrix it is, so fan-in is embed.
+      return self.kernel_init(key, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
+
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(flat_init, self.axes),
+        (x.shape[-1], self.num_heads, self.head_dim),
+        self.param_dtype,
+    )
+    kernel = jnp.asarray(kernel, self.dtype)
+    return jnp.einsum("...e,ehd->...hd", jnp.asarray(x, self.dtype), kernel)
+
+
 class _HeadsToEmbed(nn.Module):
   """Output projection [..., heads, head_dim] -> [..., features] (param `kernel`)."""
 
@@ -155,9 +185,13 @@ class _HeadsToEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x, features: int):
+    def flat_init(key, shape, dtype):
+      # Initialised as the [heads * kv, embed] matrix it is, so fan-in is heads * kv.
+      return self.kernel_init(key, (shape[0] * shape[1], shape[2]), dtype).reshape(shape)
+
     kernel = self.param(
         "kernel",
-        nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+        nn.with_logical_partitioning(flat_init, ("heads", "kv", "embed")),
         (*x.shape[-2:], features),
         self.param_dtype,
     )
@@ -210,22 +244,18 @@ class MultiHeadAttention(nn.Module):
     def query_init(*args):
       return self.kernel_init(*args) / depth_scaling
 
-    def projection(features, axes, init):
-      return nn.DenseGeneral(
-          features=features,
-          use_bias=False,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=nn.with_logical_partitioning(init, axes),
+    def projection(num_heads, axes, init):
+      return _EmbedToHeads(
+          num_heads, self.head_dim, axes, self.dtype, self.param_dtype, kernel_init=init
       )
 
-    self.query = projection((self.num_heads, self.head_dim), ("embed", "heads", "kv"), query_init)
+    self.query = projection(self.num_heads, ("embed", "heads", "kv"), query_init)
     # A single key/value head cannot be split over the model axis: name it apart so the
     # sharding rules replicate it.
     head_axis = "heads" if self.kv_heads == self.num_heads else "kv_heads"
     kv_axes = ("embed", head_axis, "kv")
-    self.key = projection((self.kv_heads, self.head_dim), kv_axes, self.kernel_init)
-    self.value = projection((self.kv_heads, self.head_dim), kv_axes, self.kernel_init)
+    self.key = projection(self.kv_heads, kv_axes, self.kernel_init)
+    self.value = projection(self.kv_heads, kv_axes, self.kernel_init)
     self.out = _HeadsToEmbed(self.dtype, self.param_dtype, self.kernel_init)
     self.kv_cache = KeyValueCache()
 

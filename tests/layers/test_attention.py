@@ -131,6 +131,8 @@ def test_query_initialisation_is_scaled_by_head_dim():
   # fan-in normal: std 1/sqrt(256) for keys; queries further divided by sqrt(64).
   np.testing.assert_allclose(p["key"]["kernel"].std(), 1 / 16, rtol=0.05)
   np.testing.assert_allclose(p["query"]["kernel"].std(), 1 / 16 / 8, rtol=0.05)
+  # The output projection's fan-in is heads * head_dim = 512.
+  np.testing.assert_allclose(p["out"]["kernel"].std(), 512**-0.5, rtol=0.05)
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 1])
