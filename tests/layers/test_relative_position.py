@@ -4,27 +4,7 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers import relative_position as rp
-
-
-def _mtf_relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
-  """Line-by-line port of mesh_tensorflow.transformer's `_relative_position_bucket`."""
-  ret = 0
-  n = -np.asarray(relative_position)
-  if bidirectional:
-    num_buckets //= 2
-    ret += (n < 0).astype(np.int32) * num_buckets
-    n = np.abs(n)
-  else:
-    n = np.maximum(n, 0)
-  max_exact = num_buckets // 2
-  is_small = n < max_exact
-  val_if_large = max_exact + (
-      np.log(np.maximum(n, 1).astype(np.float32) / max_exact)
-      / np.log(max_distance / max_exact)
-      * (num_buckets - max_exact)
-  ).astype(np.int32)
-  val_if_large = np.minimum(val_if_large, num_buckets - 1)
-  return ret + np.where(is_small, n, val_if_large)
+from tests.reference import t5_bucket as _mtf_relative_position_bucket
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
