@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
-PYTEST_ARGS ?=
+# Test files are spread over two workers (one per core of the CI machine); a file's
+# tests stay together so its module-scoped compiled functions are shared.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install test demo lint clean
 

@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
     "test": [
         "matplotlib>=3.8",
         "pytest>=8.0",
+        # Two workers: the suite is bound by XLA compiles, one per core.
+        "pytest-xdist>=3.5",
         "ruff>=0.6",
         "safetensors>=0.4",
         # 2.13.0 is the CPU build on this project's CI disk; a looser range pulls
