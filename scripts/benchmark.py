@@ -17,13 +17,17 @@ SPEC §1.5 width, built from the same attention/feedforward factories gin binds.
 - analytic FLOPs: the matmuls of every branch as executed (blocked local windows of
   3 × 128 keys, CoLT5's routed tokens at their capacities), forward only or forward +
   backward (3×), and the achieved rate against the matmul peak measured in the same run
-  (a large float32 matmul, and bfloat16 for `--dtype=bfloat16`). XLA's own count
-  (`cost_analysis`) is kept beside it as a check.
+  (a large float32 matmul, and bfloat16 for `--dtype=bfloat16`), and against a short
+  matmul timed in the same process just before the case (`% peak now`: the peak under
+  the load the case met). XLA's own count (`cost_analysis`) is kept beside it as a check.
 
 Cases that cannot fit are skipped with a note instead of being run: full attention whose
 float32 logits alone exceed the memory budget, and any compiled program whose XLA buffer
 assignment (`memory_analysis`) exceeds it. `--max_run_s` skips cases whose estimated run
 (FLOPs at half the measured matmul peak) would take longer.
+
+On a shared machine, `--interleave` times the kinds of each (scope, mode, length) in
+turns in one process and reports round-by-round time ratios (`paired_ratios`).
 
 `--peers` adds, when torch is importable, the PyTorch `colt5-attention` package's
 `ConditionalRoutedTransformerBlock` and transformers' LongT5 transient-global block
@@ -88,6 +92,13 @@ _MEMORY_BUDGET_GB = flags.DEFINE_float(
 )
 _ISOLATE = flags.DEFINE_bool(
     "isolate", True, "Run each case in a fresh subprocess (clean peak-memory numbers)."
+)
+_INTERLEAVE = flags.DEFINE_bool(
+    "interleave",
+    False,
+    "Time the kinds of each (scope, mode, length) in turns, in this process, and report "
+    "round-by-round ratios (for a machine whose load changes); memory is then XLA's "
+    "buffer assignment. Peers still run per --isolate.",
 )
 _CASE_TIMEOUT_S = flags.DEFINE_float("case_timeout_s", 1800.0, "Kill a case after this.")
 _MATMUL_SIZE = flags.DEFINE_integer(
@@ -406,8 +417,13 @@ def _full_attention_bytes(case: dict, size: Size) -> int:
   return 4 * case["batch"] * size.num_heads * case["length"] ** 2 * layers
 
 
-def run_case(case: dict) -> dict[str, Any]:
-  """Compiles and times one case of ours in this process; returns its result row."""
+def prepare_case(case: dict) -> tuple[dict[str, Any], Any]:
+  """Builds and compiles one case of ours in this process.
+
+  Returns (row, run): the row so far (compile time, XLA's memory and FLOP counts, or a
+  skip note) and a `run()` that executes the compiled program once and blocks until its
+  results are ready, or None when the case is skipped.
+  """
   import jax
   import jax.numpy as jnp
 
@@ -425,7 +441,7 @@ def run_case(case: dict) -> dict[str, Any]:
         "skipped": True,
         "note": f"full attention's float32 logits alone need {need:.1f} GiB "
         f"> budget {budget / 2**30:.1f} GiB",
-    }
+    }, None
 
   batch, length = case["batch"], case["length"]
   attention_factory, feed_forward_factory = encoder_factories(case["kind"], size, dtype)
@@ -507,11 +523,24 @@ def run_case(case: dict) -> dict[str, Any]:
         "skipped": True,
         "note": f"compiled program needs {needed / 2**30:.1f} GiB "
         f"> budget {budget / 2**30:.1f} GiB",
-    }
+    }, None
 
   def run():
     jax.block_until_ready(compiled(*args))
 
+  return row, run
+
+
+def run_case(case: dict) -> dict[str, Any]:
+  """Compiles and times one case of ours in this process; returns its result row."""
+  import jax
+
+  row, run = prepare_case(case)
+  if run is None:
+    return row
+  row["matmul_gflops_now"] = _matmul_gflops_now(case["dtype"], case.get("matmul_size") or 2048)
+  device = jax.devices()[0]
+  stats = device.memory_stats()
   memory = _PeakMemory(device if stats else None)
   memory.start()
   row |= _time_runs(
@@ -519,6 +548,49 @@ def run_case(case: dict) -> dict[str, Any]:
   )
   row |= memory.stop()
   return row
+
+
+def run_interleaved(cases: list[dict]) -> list[dict[str, Any]]:
+  """Times the cases of one (scope, mode, length) group in turns, in this process.
+
+  All cases are compiled first; then each round runs every case once, in the same
+  order, so every kind meets the same machine load, and the ratio of two kinds' times
+  is taken round by round (`paired_ratios`: the median over rounds of this case's time
+  over the other's). Peak memory is then XLA's buffer assignment for the compiled
+  program (arguments + outputs + temporaries), since the cases share one process.
+  """
+  prepared = [prepare_case(case) for case in cases]
+  active = [(case, row, run) for case, (row, run) in zip(cases, prepared, strict=True) if run]
+  for case, _, run in active:
+    for _ in range(max(case["warmup"], 0)):
+      run()
+  matmul_now = [_matmul_gflops_now(cases[0]["dtype"], cases[0].get("matmul_size") or 2048)]
+  times: list[list[float]] = [[] for _ in active]
+  repeats = max(cases[0]["repeats"], 1)
+  for round_index in range(repeats):
+    for (_, _, run), case_times in zip(active, times, strict=True):
+      start = time.perf_counter()
+      run()
+      case_times.append(time.perf_counter() - start)
+    spent = sum(sum(t) for t in times)
+    if spent / (round_index + 1) * (round_index + 2) > cases[0]["max_case_s"] * len(active):
+      break
+  matmul_now.append(_matmul_gflops_now(cases[0]["dtype"], cases[0].get("matmul_size") or 2048))
+  names = [_model_name(case) for case, _, _ in active]
+  for (case, row, _), case_times in zip(active, times, strict=True):
+    row["matmul_gflops_now"] = statistics.mean(matmul_now)
+    row["ms"] = 1e3 * statistics.median(case_times)
+    row["ms_runs"] = [round(1e3 * t, 3) for t in case_times]
+    row["interleaved"] = True
+    row["paired_ratios"] = {
+        name: statistics.median(a / b for a, b in zip(case_times, other, strict=True))
+        for name, other in zip(names, times, strict=True)
+        if name != _model_name(case)
+    }
+    if "compiled_mem_mb" in row:
+      row["peak_mem_mb"] = row["compiled_mem_mb"]
+      row["mem_source"] = "XLA memory_analysis (interleaved cases share a process)"
+  return [row for row, _ in prepared]
 
 
 # ----------------------------------------------------------------------------------------
@@ -658,6 +730,20 @@ def run_matmul_peak(case: dict) -> dict[str, Any]:
   return row
 
 
+def _matmul_gflops_now(dtype: str, side: int = 2048, repeats: int = 3) -> float:
+  """A quick square-matmul rate in this process, right before a case is timed: the peak
+  under the machine load the case itself meets (other programs share this CPU)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((side, side), dtype)
+  matmul = jax.jit(jnp.matmul)
+  timing = _time_runs(
+      lambda: matmul(a, a).block_until_ready(), warmup=1, repeats=repeats, max_case_s=10.0
+  )
+  return 2 * side**3 / (timing["ms"] / 1e3) / 1e9
+
+
 # ----------------------------------------------------------------------------------------
 # Orchestration.
 
@@ -722,6 +808,7 @@ def plan_cases() -> list[dict]:
       "num_layers": _NUM_LAYERS.value or size.num_layers,
       "scan_layers": _SCAN_LAYERS.value,
       "remat": _REMAT.value,
+      "matmul_size": _MATMUL_SIZE.value,
   }
   mode_lengths = {
       "fwd": lengths(_LENGTHS.value, "lengths"),
@@ -774,15 +861,17 @@ def _result_row(case: dict, outcome: dict, peak_gflops: float | None) -> dict[st
     row["us_per_token"] = 1e3 * row["ms"] / (case["length"] * case["batch"])
     if peak_gflops:
       row["fraction_of_peak"] = row["achieved_gflops"] / peak_gflops
+    if row.get("matmul_gflops_now"):
+      row["fraction_of_peak_now"] = row["achieved_gflops"] / row["matmul_gflops_now"]
   return row
 
 
 def _format_table(rows: list[dict]) -> str:
   header = (
       "| scope | model | mode | length | ms | µs/token | compile s | peak MiB | GFLOP "
-      "| GFLOP/s | % peak | note |"
+      "| GFLOP/s | % peak | % peak now | note |"
   )
-  lines = [header, "|" + "|".join("---" for _ in range(12)) + "|"]
+  lines = [header, "|" + "|".join("---" for _ in range(13)) + "|"]
   lines += [_format_row(row) for row in rows]
   return "\n".join(lines)
 
@@ -791,13 +880,16 @@ def _format_row(row: dict) -> str:
   def number(value, spec):
     return "–" if value is None else format(value, spec)
 
-  percent = row.get("fraction_of_peak")
+  def percent(key):
+    value = row.get(key)
+    return number(None if value is None else 100 * value, ".0f")
+
   return (
       f"| {row['scope']} | {row['model']} | {row['mode']} | {row['length']} "
       f"| {number(row['ms'], '.1f')} | {number(row.get('us_per_token'), '.1f')} "
       f"| {number(row['compile_s'], '.1f')} | {number(row['peak_mem_mb'], '.0f')} "
       f"| {row['flops'] / 1e9:.1f} | {number(row['achieved_gflops'], '.1f')} "
-      f"| {number(None if percent is None else 100 * percent, '.0f')} | {row['note']} |"
+      f"| {percent('fraction_of_peak')} | {percent('fraction_of_peak_now')} | {row['note']} |"
   )
 
 
@@ -867,20 +959,39 @@ def benchmark() -> dict[str, Any]:
   print(f"matmul peak ({_DTYPE.value}, {peaks[0]['matmul_size']}²): {peak():.1f} GFLOP/s")
   print(_format_table([]))
   rows = []
-  for case in cases:
-    estimate_s = case_flops(case) / (_ESTIMATE_EFFICIENCY * peak() * 1e9)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if estimate_s > _MAX_RUN_S.value:
-      outcome = {
-          "skipped": True,
-          "note": f"estimated {estimate_s:.0f} s per run > --max_run_s={_MAX_RUN_S.value:.0f}",
-      }
+  groups: list[list[dict]] = []
+  for case in cases:  # consecutive cases of ours with one (scope, mode, length)
+    key = (case["scope"], case["mode"], case["length"])
+    if (
+        _INTERLEAVE.value
+        and case["scope"] != "peer"
+        and groups
+        and (groups[-1][0]["scope"], groups[-1][0]["mode"], groups[-1][0]["length"]) == key
+    ):
+      groups[-1].append(case)
     else:
-      outcome = run(case)
-    outcome["load_avg"] = load
-    row = _result_row(case, outcome, peak())
-    rows.append(row)
-    print(_format_row(row), flush=True)
+      groups.append([case])
+  for group in groups:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    outcomes: dict[int, dict] = {}
+    for index, case in enumerate(group):
+      estimate_s = case_flops(case) / (_ESTIMATE_EFFICIENCY * peak() * 1e9)
+      if estimate_s > _MAX_RUN_S.value:
+        outcomes[index] = {
+            "skipped": True,
+            "note": f"estimated {estimate_s:.0f} s per run > --max_run_s={_MAX_RUN_S.value:.0f}",
+        }
+    pending = [i for i in range(len(group)) if i not in outcomes]
+    if _INTERLEAVE.value and group[0]["scope"] != "peer":
+      measured = run_interleaved([group[i] for i in pending]) if pending else []
+      outcomes.update(zip(pending, measured, strict=True))
+    else:
+      outcomes.update({i: run(group[i]) for i in pending})
+    for index, case in enumerate(group):
+      outcomes[index]["load_avg"] = load
+      row = _result_row(case, outcomes[index], peak())
+      rows.append(row)
+      print(_format_row(row), flush=True)
   peaks.append(run(matmul_case))
   for row in rows:  # the rate against the best peak seen in the run
     if row["achieved_gflops"] is not None:
