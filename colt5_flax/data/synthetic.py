@@ -348,9 +348,17 @@ def feature_lengths(
   return lengths
 
 
+DEMO_TASK_NAME = f"{DEFAULT_TASK_NAME}_demo"
+
+
 def register_default_tasks() -> list[str]:
-  """`synthetic_kv_retrieval` (2048 tokens) and `synthetic_kv_retrieval_<length>`."""
+  """`synthetic_kv_retrieval` (2048 tokens), `synthetic_kv_retrieval_<length>`, and the
+  demo's `synthetic_kv_retrieval_demo` (2048 tokens, 4 facts, 3-letter keys and values:
+  small enough for a CPU to learn in minutes, still out of local attention's reach)."""
   names = [register_synthetic_task().name]
+  names.append(
+      register_synthetic_task(DEMO_TASK_NAME, num_facts=4, key_length=3, value_length=3).name
+  )
   for length in REGISTERED_LENGTHS:
     names.append(
         register_synthetic_task(f"{DEFAULT_TASK_NAME}_{length}", input_length=length).name
