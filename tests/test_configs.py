@@ -8,8 +8,8 @@ bindings are resolved and checked against SPEC §2 (learning rates at given step
 sizes, lengths, dropout, routed-token counts).
 
 The tiny variant of every architecture and every ablation runs one training step on CPU
-through the project's `Trainer` (and the demo run goes through `train.train` itself,
-data pipeline included); each ablation's effect is checked on the built network
+through the project's `Trainer` (runs/demo.gin's full path through `train.train` is
+tests/test_demo.py's); each ablation's effect is checked on the built network
 (parameters present or absent, routed-token counts, evenly spaced static routing).
 """
 
@@ -575,16 +575,8 @@ def _batch():
 
 
 TRAIN_CONFIGS = {f"{kind}_tiny": ([TINY_MODELS[kind]], []) for kind in ENCODER_KINDS}
-# An ablation changes what every encoder layer does (or the decoder's cross-attention),
-# so one layer of each stack shows it; it halves the compilation of ten steps.
-ONE_LAYER = ["NUM_ENCODER_LAYERS = 1", "NUM_DECODER_LAYERS = 1"]
 TRAIN_CONFIGS.update(
-    {
-        name: (files, bindings + ONE_LAYER)
-        for name in ABLATIONS
-        if name not in DATA_ABLATIONS
-        for files, bindings in [ablation_recipe(name)]
-    }
+    {name: ablation_recipe(name) for name in ABLATIONS if name not in DATA_ABLATIONS}
 )
 
 # Initial parameters by path, from the configurations initialised so far. An ablation
@@ -706,26 +698,3 @@ def test_static_routing_selects_evenly_spaced_tokens():
   # Row 1: 200 real tokens -> floor(j * 200 / 16) and floor(j * 200 / 32).
   np.testing.assert_array_equal(query_indices[1], [j * 200 // 16 for j in range(16)])
   np.testing.assert_array_equal(kv_indices[1], [j * 200 // 32 for j in range(32)])
-
-
-@pytest.mark.slow
-def test_demo_run_trains_through_the_entry_point(tmp_path):
-  """runs/demo.gin + CoLT5-tiny through `train.train`: data pipeline, step, checkpoint.
-
-  One step on short inputs: the run's other settings (its schedule included) are the
-  file's, only the length, the batch and the number of steps shrink.
-  """
-  parse(["models/colt5_tiny.gin", "runs/demo.gin"], [f"MODEL_DIR = '{tmp_path}'"])
-  kwargs = gin.get_bindings(train_lib.train)
-  kwargs.update(
-      train_steps=1,
-      batch_size=2,
-      eval_period=0,
-      checkpoint_period=1,
-      task_feature_lengths={**kwargs["task_feature_lengths"], "inputs": INPUT_LENGTH},
-      partitioner=partitioning.Partitioner(num_partitions=1, devices=jax.devices()[:1]),
-  )
-  state = train_lib.train(**kwargs)
-  assert int(state.step) == 1
-  assert (tmp_path / "checkpoint_1").is_dir()
-  assert "ConditionalAttention" in (tmp_path / "config.gin").read_text()
