@@ -239,7 +239,7 @@ def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
   """
   _check_indices("gather_tokens", x, indices)
   batch_index = jnp.arange(x.shape[0])[:, None]
-  return x[batch_index, indices]
+  return jnp.asarray(x)[batch_index, indices]  # numpy x cannot be indexed by tracers
 
 
 def scatter_add_tokens(updates: jax.Array, indices: jax.Array, length: int) -> jax.Array:
