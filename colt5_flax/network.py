@@ -185,18 +185,24 @@ class _ComputedOnce(nn.Module):
     return self.variable("cache", "value", compute).value
 
 
-def _stack(
+def _run_stack(
     layer_cls,
+    layer_kwargs: Mapping[str, Any],
+    x,
+    args: tuple[Any, ...],
     *,
     num_layers: int,
     scan_layers: bool,
     remat_policy: str,
     static_argnums: tuple[int, ...],
-    in_axes: tuple[Any, ...],
 ):
-  """Wraps `layer_cls` in remat and/or scan; returns a class whose instances run all layers.
+  """Runs `num_layers` of `layer_cls(**layer_kwargs)` on `x`, each called as `(x, *args)`.
 
-  `static_argnums` counts `self` as 0 (flax's convention). Without scan the caller loops.
+  The layers are wrapped in remat (`remat_policy`) and, with `scan_layers`, in one
+  `nn.scan` whose parameters are stacked along a leading 'layers' axis (submodule
+  `layers`); otherwise they are `layers_0 ... layers_{n-1}`. `args` are the same for
+  every layer. `static_argnums` counts `self` as 0 (flax's convention). Call it from the
+  parent's compact method.
   """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
@@ -207,25 +213,30 @@ def _stack(
         static_argnums=static_argnums,
         prevent_cse=not scan_layers,
     )
-  if scan_layers:
-    body_layer_cls = layer_cls
+  if not scan_layers:
+    for i in range(num_layers):
+      x = layer_cls(**layer_kwargs, name=f"layers_{i}")(x, *args)
+    return x
 
-    class _ScanBody(nn.Module):
-      layer_kwargs: Mapping[str, Any]
+  body_layer_cls = layer_cls
 
-      @nn.compact
-      def __call__(self, x, *args):
-        return body_layer_cls(**self.layer_kwargs, name="layer")(x, *args), None
+  class _ScanBody(nn.Module):
+    layer_kwargs: Mapping[str, Any]
 
-    layer_cls = nn.scan(
-        _ScanBody,
-        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-        split_rngs={"params": True, "dropout": True, "routing": True},
-        in_axes=in_axes,
-        length=num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-  return layer_cls
+    @nn.compact
+    def __call__(self, x, *args):
+      return body_layer_cls(**self.layer_kwargs, name="layer")(x, *args), None
+
+  scanned = nn.scan(
+      _ScanBody,
+      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+      split_rngs={"params": True, "dropout": True, "routing": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  x, _ = scanned(layer_kwargs, name="layers")(x, *args)
+  return x
 
 
 class Encoder(nn.Module):
@@ -273,23 +284,16 @@ class Encoder(nn.Module):
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
     )
-    layer_cls = _stack(
+    x = _run_stack(
         EncoderLayer,
+        layer_kwargs,
+        x,
+        (mask, segment_ids, rel_embeddings, enable_dropout),
         num_layers=self.num_layers,
         scan_layers=self.scan_layers,
         remat_policy=self.remat_policy,
         static_argnums=(5,),
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
     )
-    if self.scan_layers:
-      x, _ = layer_cls(layer_kwargs, name="layers")(
-          x, mask, segment_ids, rel_embeddings, enable_dropout
-      )
-    else:
-      for i in range(self.num_layers):
-        x = layer_cls(**layer_kwargs, name=f"layers_{i}")(
-            x, mask, segment_ids, rel_embeddings, enable_dropout
-        )
     x = RMSNorm(dtype=self.dtype, name="encoder_norm")(x)
     return _dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
 
@@ -369,20 +373,16 @@ class Decoder(nn.Module):
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
     )
-    layer_cls = _stack(
+    x = _run_stack(
         DecoderLayer,
+        layer_kwargs,
+        x,
+        (encoded, self_attention_mask, bias, cross_attention_mask, enable_dropout, decode),
         num_layers=self.num_layers,
         scan_layers=self.scan_layers,
         remat_policy=self.remat_policy,
         static_argnums=(6, 7),
-        in_axes=(nn.broadcast,) * 4 + (nn.broadcast, nn.broadcast),
     )
-    args = (encoded, self_attention_mask, bias, cross_attention_mask, enable_dropout, decode)
-    if self.scan_layers:
-      x, _ = layer_cls(layer_kwargs, name="layers")(x, *args)
-    else:
-      for i in range(self.num_layers):
-        x = layer_cls(**layer_kwargs, name=f"layers_{i}")(x, *args)
     x = RMSNorm(dtype=self.dtype, name="decoder_norm")(x)
     return _dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
 
