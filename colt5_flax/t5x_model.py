@@ -1,13 +1,15 @@
 """Our network under t5x's own trainer (`python -m t5x.train`, configs/t5x/).
 
 t5x's `EncoderDecoderModel` drives any module with t5x's module contract, which
-`network.EncoderDecoder` follows. Two things differ, and this subclass bridges them:
+`network.EncoderDecoder` follows. Three things differ, and this subclass bridges them:
 
 - Parameter axis names: our layers box parameters with `nn.with_logical_partitioning`
   (`LogicallyPartitioned`); t5x reads them from a `params_axes` collection (flax's older
   `param_with_axes`: `params_axes/<path>/<name>_axes` = `AxisMetadata(names)`), and its
   Adafactor refuses a model that emits none. `get_initial_variables` unboxes the
   parameters and writes their names there.
+- Token dtypes at initialisation: t5x's dummy tokens are float32 unless the caller
+  passes `input_types` (t5x.train does; t5x.eval does not); ours default to int32.
 - The decoding cache: t5x creates it from dummy (all-ones) encoder inputs
   (`_compute_kv_cache`), but our cross-attention computes its keys and values once, when
   the cache is created. The cache is created here through `module.decode` with the real
@@ -30,7 +32,16 @@ class EncoderDecoderModel(models.EncoderDecoderModel):
   """t5x's `models.EncoderDecoderModel` for `network.EncoderDecoder` (same arguments)."""
 
   def get_initial_variables(self, rng, input_shapes, input_types=None):
-    """t5x's initial variables: plain `params` plus their names in `params_axes`."""
+    """t5x's initial variables: plain `params` plus their names in `params_axes`.
+
+    Token features default to int32: t5x's default is float32 (flaxformer's embedder
+    casts), which our `nn.Embed` refuses; `t5x.eval` and t5x's export pass no types.
+    """
+    input_types = {
+        "encoder_input_tokens": jnp.int32,
+        "decoder_input_tokens": jnp.int32,
+        **(input_types or {}),
+    }
     variables = frozen_dict.unfreeze(
         super().get_initial_variables(rng, input_shapes, input_types)
     )
