@@ -2,16 +2,21 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import gin
 import numpy as np
 import pytest
+import seqio
 
-from colt5_flax import demo
+from colt5_flax import demo, gin_utils
+from colt5_flax import train as train_lib
 
 REPO = Path(__file__).resolve().parents[1]
+FACT = re.compile(r"\[([A-Z]+):([A-Z0-9]+)\]")
 
 
 def test_router_recall_by_hand():
@@ -34,6 +39,40 @@ def test_routed_indices_by_layer_reads_plain_and_scanned_stacks():
   assert [int(layer[0, 0]) for layer in demo.routed_indices_by_layer(scanned)] == [0, 1, 2]
 
 
+@pytest.mark.parametrize(
+    "bindings, num_facts, key_length, value_length, input_length",
+    [
+        ([], 4, 3, 3, 2048),  # demo.gin's defaults
+        (["DEMO_NUM_FACTS = 2", "DEMO_KEY_LENGTH = 1", "DEMO_VALUE_LENGTH = 1",
+          "DEMO_INPUT_LENGTH = 1024"], 2, 1, 1, 1024),
+    ],
+)
+def test_demo_task_knobs_reach_the_task_and_the_lengths(
+    bindings, num_facts, key_length, value_length, input_length
+):
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin_flags(
+        [str(REPO / "configs")], ["models/colt5_tiny.gin", "runs/demo.gin"],
+        ["MODEL_DIR = '/tmp/unused'", *bindings],
+    )
+    kwargs = gin.get_bindings(train_lib.train)  # references evaluated: registers the task
+    lengths = kwargs["task_feature_lengths"]
+    assert lengths == {"inputs": input_length, "targets": value_length + 1}
+    task = seqio.get_mixture_or_task(kwargs["mixture_or_task_name"])
+    dataset = task.get_dataset(None, split="validation", shuffle=False)
+    for example in dataset.take(3).as_numpy_iterator():
+      text = bytes((example["inputs"][:-1] - 3).astype(np.uint8)).decode("ascii")  # ids, EOS
+      facts = FACT.findall(text)
+      assert len(text) == input_length - 1 and len(facts) == num_facts
+      assert {len(key) for key, _ in facts} == {key_length}
+      assert {len(value) for _, value in facts} == {value_length}
+      assert len(example["targets"]) == value_length + 1
+  finally:
+    gin.clear_config()
+    demo.demo_task()  # Other tests see the default demo task again.
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
   model_dir = tmp_path / "demo"
@@ -42,8 +81,7 @@ def test_demo_end_to_end(tmp_path):
       sys.executable, "-m", "colt5_flax.demo",
       f"--model_dir={model_dir}",
       "--time_budget_s=100000",  # Always train the light-only baseline too.
-      "--gin.MIXTURE_OR_TASK_NAME='synthetic_kv_retrieval_1024'",
-      "--gin.TASK_FEATURE_LENGTHS={'inputs': 1024, 'targets': 8}",
+      "--gin.DEMO_INPUT_LENGTH=1024",
       "--gin.TRAIN_STEPS=2",
       "--gin.WARMUP_STEPS=1",
       "--gin.BATCH_SIZE=2",

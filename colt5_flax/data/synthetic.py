@@ -69,6 +69,9 @@ class SyntheticConfig:
     filler: 'words' (random common words), 'letters' (random lowercase letters and
       spaces) or 'repeat' (one sentence repeated: no information at all).
     seed: the seed of the whole task.
+    min_question_distance: the least number of tokens between the queried fact and the
+      question (at least half the filler lies between them). Keep it above what the
+      light branch reaches (layers × local radius: 2 × 127 in the demo).
   """
 
   input_length: int = DEFAULT_INPUT_LENGTH
@@ -77,6 +80,7 @@ class SyntheticConfig:
   value_length: int = 6
   filler: str = "words"
   seed: int = 0
+  min_question_distance: int = MIN_QUESTION_DISTANCE
 
   def __post_init__(self):
     if self.filler not in FILLERS:
@@ -91,10 +95,15 @@ class SyntheticConfig:
     if 26**self.key_length < self.num_facts:
       raise ValueError(f"key_length={self.key_length} cannot give {self.num_facts} distinct keys")
     # All filler after the queried fact separates it from the question (see `generate`).
-    if self.filler_length // 2 < MIN_QUESTION_DISTANCE:
+    if self.min_question_distance < 1:
+      raise ValueError(
+          f"min_question_distance must be >= 1, got {self.min_question_distance}"
+      )
+    if self.filler_length // 2 < self.min_question_distance:
       raise ValueError(
           f"input_length={self.input_length} is too short for {self.num_facts} facts: the "
-          f"queried fact must sit >= {MIN_QUESTION_DISTANCE} tokens before the question"
+          f"queried fact must sit >= min_question_distance={self.min_question_distance} "
+          "tokens before the question"
       )
 
   @property
@@ -271,6 +280,7 @@ def register_synthetic_task(
     key_length: int = 6,
     value_length: int = 6,
     filler: str = "words",
+    min_question_distance: int = MIN_QUESTION_DISTANCE,
     num_train_examples: int = 100_000,
     num_eval_examples: int = 512,
     vocabulary: seqio.ByteVocabulary | None = None,
@@ -282,7 +292,8 @@ def register_synthetic_task(
     input_length: tokens per input including EOS (1k-64k; >= about 600 for 8 facts).
     num_facts: facts per document (1 queried + distractors).
     seed: seed of all its examples.
-    key_length, value_length, filler: difficulty knobs (see `SyntheticConfig`).
+    key_length, value_length, filler, min_question_distance: difficulty knobs (see
+      `SyntheticConfig`).
     num_train_examples, num_eval_examples: sizes of train and of validation/test.
     vocabulary: a `seqio.ByteVocabulary` (any extra_ids); default `ByteVocabulary()`.
 
@@ -304,6 +315,7 @@ def register_synthetic_task(
       value_length=value_length,
       filler=filler,
       seed=seed,
+      min_question_distance=min_question_distance,
   )
   num_examples = {
       "train": num_train_examples,

@@ -111,6 +111,20 @@ def test_lengths_fillers_and_knobs(filler, input_length):
     assert question_start - end >= synthetic.MIN_QUESTION_DISTANCE
 
 
+def test_min_question_distance_allows_short_documents():
+  # 256 tokens cannot keep a fact 256 tokens from the question (the default raises), but
+  # can keep it 64 away, enough for a model of local radius 31.
+  with pytest.raises(ValueError, match="min_question_distance=256"):
+    synthetic.SyntheticConfig(input_length=256, num_facts=2, key_length=1, value_length=1)
+  config = synthetic.SyntheticConfig(
+      input_length=256, num_facts=2, key_length=1, value_length=1, min_question_distance=64
+  )
+  for index in range(20):
+    ex = synthetic.generate(config, "train", index)
+    _, (_, end), _, question_start = parse(ex["inputs"])
+    assert len(ex["inputs"]) == 255 and question_start - end >= 64
+
+
 def test_exact_match_metric():
   task = seqio.get_mixture_or_task(synthetic.DEFAULT_TASK_NAME)
   (metric_fn,) = task.metric_fns
@@ -135,6 +149,8 @@ def test_default_registration():
         ({"input_length": 300}, "input_length=300 is too short"),
         ({"num_facts": 0}, "num_facts must be >= 1"),
         ({"key_length": 1, "num_facts": 30}, "cannot give 30 distinct keys"),
+        ({"min_question_distance": 0}, "min_question_distance must be >= 1"),
+        ({"input_length": 1024, "min_question_distance": 600}, "min_question_distance=600"),
     ],
 )
 def test_bad_configuration(kwargs, message):
