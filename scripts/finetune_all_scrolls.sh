@@ -38,43 +38,8 @@
 #   --dry_run               print what would run
 set -euo pipefail
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
-die() {
-  echo "finetune_all_scrolls.sh: $*" >&2
-  exit 2
-}
-
-# Shell words as one line a shell (and a reader) parses back into the same words: plain
-# words as they are, others in double quotes (what --dry_run prints).
-quote_words() {
-  local out="" word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    else
-      word="${word//\\/\\\\}"
-      word="${word//\"/\\\"}"
-      word="${word//\$/\\\$}"
-      word="${word//\`/\\\`}"
-      out+="\"$word\" "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
-run() {
-  if ((DRY_RUN)); then
-    quote_words "$@"
-    echo
-  else
-    echo "+ $(quote_words "$@")" >&2
-    "$@"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+ECHO_COMMANDS=1
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ALL_TASKS=(gov_report summ_screen_fd qmsum qasper narrative_qa quality contract_nli)

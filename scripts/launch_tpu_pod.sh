@@ -31,42 +31,9 @@
 #   --dry_run                 print what would run
 set -euo pipefail
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
-die() {
-  echo "launch_tpu_pod.sh: $*" >&2
-  exit 2
-}
-
-# Shell words as one line a shell (and a reader) parses back into the same words: plain
-# words as they are, others in double quotes (what --dry_run prints, and what runs remotely).
-quote_words() {
-  local out="" word
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-      out+="$word "
-    else
-      word="${word//\\/\\\\}"
-      word="${word//\"/\\\"}"
-      word="${word//\$/\\\$}"
-      word="${word//\`/\\\`}"
-      out+="\"$word\" "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
-run() {
-  if ((DRY_RUN)); then
-    quote_words "$@"
-    echo
-  else
-    "$@"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+# `~` stays unquoted: remote paths expand on the workers.
+PLAIN_WORD_PATTERN='^[A-Za-z0-9_@%+=:,./~-]+$'
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 TPU=""
