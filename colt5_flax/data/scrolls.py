@@ -526,17 +526,10 @@ def register_scrolls_tasks(
   Returns:
     the task names, in `SCROLLS_TASKS` order.
   """
-  vocabulary = vocabulary or _default_vocabulary()
-  names = []
-  for task in SCROLLS_TASKS:
-    name = f"scrolls_{task}{name_suffix}"
-    dataset_fn = functools.partial(
-        _tfds_dataset_fn, config=task, tfds_data_dir=tfds_data_dir, task_label=name
-    )
-    _register(name, seqio.FunctionDataSource(dataset_fn, splits=SPLITS), task, vocabulary)
-    names.append(name)
-  _add_mixture(f"scrolls{name_suffix}", names)
-  return names
+  return _register_all(
+      "", name_suffix, vocabulary,
+      functools.partial(_tfds_dataset_fn, tfds_data_dir=tfds_data_dir),
+  )
 
 
 def register_scrolls_local_tasks(
@@ -556,16 +549,24 @@ def register_scrolls_local_tasks(
   Returns:
     the task names, in `SCROLLS_TASKS` order.
   """
+  return _register_all(
+      "_local", name_suffix, vocabulary,
+      functools.partial(_local_dataset_fn, data_dir=data_dir),
+  )
+
+
+def _register_all(source, name_suffix, vocabulary, dataset_fn) -> list[str]:
+  """Registers `scrolls_<task><source><name_suffix>` for the seven tasks and the mixture
+  `scrolls<source><name_suffix>`; source is '' (TFDS) or '_local' (official files), and
+  `dataset_fn(split, shuffle_files, seed, *, config, task_label)` reads one task."""
   vocabulary = vocabulary or _default_vocabulary()
   names = []
   for task in SCROLLS_TASKS:
-    name = f"scrolls_{task}_local{name_suffix}"
-    dataset_fn = functools.partial(
-        _local_dataset_fn, config=task, data_dir=data_dir, task_label=name
-    )
-    _register(name, seqio.FunctionDataSource(dataset_fn, splits=SPLITS), task, vocabulary)
+    name = f"scrolls_{task}{source}{name_suffix}"
+    task_fn = functools.partial(dataset_fn, config=task, task_label=name)
+    _register(name, seqio.FunctionDataSource(task_fn, splits=SPLITS), task, vocabulary)
     names.append(name)
-  _add_mixture(f"scrolls_local{name_suffix}", names)
+  _add_mixture(f"scrolls{source}{name_suffix}", names)
   return names
 
 
