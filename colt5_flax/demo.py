@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from colt5_flax import checkpoints, gin_utils
 from colt5_flax import evaluate as evaluate_lib
-from colt5_flax import gin_utils
 from colt5_flax import train as train_lib
 from colt5_flax.data import synthetic
 
@@ -217,6 +217,14 @@ def plot_routing(example: Mapping[str, Any], path: epath.Path, title: str) -> No
   plt.close(fig)
 
 
+def _checkpointed_step(model_dir: epath.Path) -> int:
+  """The step of the latest checkpoint in `model_dir` (0 when there is none)."""
+  try:
+    return checkpoints.resolve_checkpoint(str(model_dir))[1] or 0
+  except FileNotFoundError:
+    return 0
+
+
 def _train_and_score(gin_files, bindings) -> tuple[dict[str, Any], float]:
   _configure(gin_files, bindings)
   train_fn = _configured(train_lib.train)
@@ -236,6 +244,7 @@ def main(argv: Sequence[str]) -> None:
   user_bindings = list(FLAGS.gin_bindings)
   gin_files = list(FLAGS.gin_file or DEMO_GIN_FILES)
 
+  resumed_from = _checkpointed_step(model_dir)
   colt5, colt5_seconds = _train_and_score(
       gin_files, [f"MODEL_DIR = '{model_dir}'", *user_bindings]
   )
@@ -246,6 +255,7 @@ def main(argv: Sequence[str]) -> None:
       "router_recall_by_layer": colt5.get("router_recall_by_layer"),
       "steps": steps,
       "train_seconds": round(colt5_seconds, 1),
+      "steps_this_run": steps - resumed_from,
   }
   example = colt5.pop("_example", None)
   if example is not None:
@@ -274,7 +284,10 @@ def main(argv: Sequence[str]) -> None:
   (model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   lines = [
       "",
-      f"CoLT5-tiny, {steps} steps in {summary['train_seconds']:.0f}s of training",
+      f"CoLT5-tiny, {steps} steps in {summary['train_seconds']:.0f}s of training"
+      if not resumed_from else
+      f"CoLT5-tiny, {steps} steps (resumed at step {resumed_from}; "
+      f"{summary['steps_this_run']} trained in this run, {summary['train_seconds']:.0f}s)",
       f"  held-out exact match: {summary['accuracy']:.3f}",
   ]
   if summary["router_recall"] is not None:

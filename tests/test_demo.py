@@ -93,7 +93,7 @@ def test_demo_end_to_end(tmp_path):
                           timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   summary = json.loads((model_dir / "summary.json").read_text())
-  assert summary["steps"] == 2
+  assert summary["steps"] == 2 and summary["steps_this_run"] == 2
   assert 0.0 <= summary["accuracy"] <= 1.0
   assert 0.0 <= summary["router_recall"] <= 1.0
   assert len(summary["router_recall_by_layer"]) == 2
@@ -107,4 +107,6 @@ def test_demo_end_to_end(tmp_path):
   again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=900)
   assert again.returncode == 0, again.stderr[-4000:]
-  assert json.loads((model_dir / "summary.json").read_text())["steps"] == 2
+  again_summary = json.loads((model_dir / "summary.json").read_text())
+  assert again_summary["steps"] == 2 and again_summary["steps_this_run"] == 0
+  assert "resumed at step 2; 0 trained in this run" in again.stdout
