@@ -61,16 +61,9 @@ for arg in "$@"; do
 done
 
 [[ -n "$HOSTS" ]] || die "--hosts=H0,H1,... is required"
-case "$ENTRY" in
-  train | evaluate | infer) ;;
-  *) die "--entry must be train, evaluate or infer, got '$ENTRY'" ;;
-esac
+check_entry "$ENTRY"
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
-has_gin_file=0
-for arg in "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"; do
-  [[ "$arg" == --gin_file=* ]] && has_gin_file=1
-done
-((has_gin_file)) || die "at least one --gin_file is required"
+require_gin_file "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 
 IFS=',' read -r -a HOST_LIST <<<"$HOSTS"
 NUM_HOSTS=${#HOST_LIST[@]}

@@ -78,21 +78,14 @@ done
 
 [[ -n "$TPU" ]] || die "--tpu=NAME is required"
 [[ -n "$ZONE" ]] || die "--zone=ZONE is required"
-case "$ENTRY" in
-  train | evaluate | infer) ;;
-  *) die "--entry must be train, evaluate or infer, got '$ENTRY'" ;;
-esac
+check_entry "$ENTRY"
 if [[ "$ENTRY" == train ]]; then
   [[ -n "$MODEL_DIR" ]] || die "--model_dir=gs://... is required for training"
 fi
 if [[ -n "$MODEL_DIR" && "$MODEL_DIR" != gs://* ]]; then
   die "MODEL_DIR must be on GCS (gs://...) so that every worker sees it, got '$MODEL_DIR'"
 fi
-has_gin_file=0
-for arg in "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"; do
-  [[ "$arg" == --gin_file=* ]] && has_gin_file=1
-done
-((has_gin_file)) || die "at least one --gin_file is required"
+require_gin_file "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=("--zone=$ZONE")

@@ -46,3 +46,20 @@ run() {
     "$@"
   fi
 }
+
+# The launchers' entry point: one of colt5_flax's three CLIs.
+check_entry() {
+  case "$1" in
+    train | evaluate | infer) ;;
+    *) die "--entry must be train, evaluate or infer, got '$1'" ;;
+  esac
+}
+
+# Dies unless the passed-through arguments include a --gin_file.
+require_gin_file() {
+  local arg
+  for arg in "$@"; do
+    [[ "$arg" == --gin_file=* ]] && return 0
+  done
+  die "at least one --gin_file is required"
+}
