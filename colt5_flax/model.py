@@ -264,20 +264,7 @@ class EncoderDecoderModel:
     encoded = module.apply(
         {"params": params}, encoder_tokens, enable_dropout=False, method=module.encode
     )
-    # Creating the cache runs the decoder once over the full target length: it sizes the
-    # self-attention caches and projects the encoder keys/values once (CrossAttention).
-    _, variables = module.apply(
-        {"params": params},
-        encoded,
-        encoder_tokens,
-        jnp.zeros_like(decoder_prompt),
-        jnp.ones_like(decoder_prompt),
-        enable_dropout=False,
-        decode=True,
-        mutable=["cache"],
-        method=module.decode,
-    )
-    cache = variables["cache"]
+    cache = create_decode_cache(module, params, encoded, encoder_tokens, decoder_prompt)
     encoded = decoding.expand_for_decodes(encoded, num_decodes)
     encoder_tokens = decoding.expand_for_decodes(encoder_tokens, num_decodes)
 
@@ -311,6 +298,34 @@ class EncoderDecoderModel:
       return decodes, {"scores": scores}
     # decode_fn sorts decodes by increasing score: the best is last.
     return decodes[:, -1, :], {"scores": scores[:, -1]}
+
+
+def create_decode_cache(module, params, encoded, encoder_tokens, decoder_tokens) -> PyTree:
+  """The decode cache of `module` (a `network.EncoderDecoder`) for these encoder outputs.
+
+  Creating the cache runs the decoder once over the full target length: it sizes the
+  self-attention caches and projects the encoder keys/values once (CrossAttention).
+
+  Args:
+    encoded: [batch, input_length, embed], the encoder's outputs.
+    encoder_tokens: [batch, input_length], for the cross-attention mask.
+    decoder_tokens: [batch, target_length]; only its shape counts (the decode length).
+
+  Returns:
+    the 'cache' collection.
+  """
+  _, variables = module.apply(
+      {"params": params},
+      encoded,
+      encoder_tokens,
+      jnp.zeros_like(decoder_tokens),
+      jnp.ones_like(decoder_tokens),
+      enable_dropout=False,
+      decode=True,
+      mutable=["cache"],
+      method=module.decode,
+  )
+  return variables["cache"]
 
 
 def routing_statistics(intermediates: PyTree) -> dict[str, Array]:

@@ -27,6 +27,8 @@ from flax.core import frozen_dict
 from flax.linen import partitioning as flax_partitioning
 from t5x import models
 
+from colt5_flax import model as model_lib
+
 
 class EncoderDecoderModel(models.EncoderDecoderModel):
   """t5x's `models.EncoderDecoderModel` for `network.EncoderDecoder` (same arguments)."""
@@ -68,15 +70,7 @@ class EncoderDecoderModel(models.EncoderDecoderModel):
     """The decoding cache, created from the real encoder outputs (see module docstring)."""
     if prefill_decoder_prompt:
       raise NotImplementedError("decoder prompts (prompt_with_targets) are not supported")
-    _, variables = self.module.apply(
-        {"params": params},
-        encoded_inputs,
-        encoder_input_tokens,
-        decoder_input_tokens,
-        jnp.ones_like(decoder_input_tokens),
-        enable_dropout=False,
-        decode=True,
-        mutable=["cache"],
-        method=self.module.decode,
+    cache = model_lib.create_decode_cache(
+        self.module, params, encoded_inputs, encoder_input_tokens, decoder_input_tokens
     )
-    return variables["cache"], None
+    return cache, None
