@@ -369,24 +369,15 @@ def encoder_factories(kind: str, size: Size, dtype) -> tuple[Any, Any]:
     return functools.partial(attention.SelfAttention, num_heads=size.num_heads, dtype=dtype), (
         dense_mlp
     )
+  local = {"num_heads": size.num_heads, "local_radius": LOCAL_RADIUS, "dtype": dtype}
   if kind == "longt5_local":
-    return (
-        functools.partial(
-            local_attention.LocalSelfAttention,
-            num_heads=size.num_heads,
-            local_radius=LOCAL_RADIUS,
-            dtype=dtype,
-        ),
-        dense_mlp,
-    )
+    return functools.partial(local_attention.LocalSelfAttention, **local), dense_mlp
   if kind == "longt5_tglobal":
     return (
         functools.partial(
             local_attention.TransientGlobalSelfAttention,
-            num_heads=size.num_heads,
-            local_radius=LOCAL_RADIUS,
             global_block_size=GLOBAL_BLOCK_SIZE,
-            dtype=dtype,
+            **local,
         ),
         dense_mlp,
     )
