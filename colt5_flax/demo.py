@@ -69,34 +69,6 @@ def _configured(function):
     return gin.configurable(function)
 
 
-def demo_task(
-    *,
-    input_length: int = synthetic.DEFAULT_INPUT_LENGTH,
-    num_facts: int = 4,
-    key_length: int = 3,
-    value_length: int = 3,
-    filler: str = "words",
-    min_question_distance: int = synthetic.MIN_QUESTION_DISTANCE,
-    name: str = synthetic.DEMO_TASK_NAME,
-) -> str:
-  """Registers the demo's retrieval task with these difficulty knobs; returns its name.
-
-  Gin: `MIXTURE_OR_TASK_NAME = @demo_script.demo_task()` (configs/runs/demo.gin), so
-  `--gin.DEMO_NUM_FACTS=2` etc. change the task wherever the name is used (train, score,
-  evaluate, infer). Registering again with the same knobs gives the same examples.
-  """
-  synthetic.register_synthetic_task(
-      name,
-      input_length=input_length,
-      num_facts=num_facts,
-      key_length=key_length,
-      value_length=value_length,
-      filler=filler,
-      min_question_distance=min_question_distance,
-  )
-  return name
-
-
 def routed_indices_by_layer(intermediates: Mapping[str, Any]) -> list[np.ndarray]:
   """Each encoder layer's key/value routed positions, [batch, num_routed] per layer.
 

@@ -14,6 +14,7 @@ import seqio
 
 from colt5_flax import demo, gin_utils
 from colt5_flax import train as train_lib
+from colt5_flax.data import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 FACT = re.compile(r"\[([A-Z]+):([A-Z0-9]+)\]")
@@ -70,7 +71,7 @@ def test_demo_task_knobs_reach_the_task_and_the_lengths(
       assert len(example["targets"]) == value_length + 1
   finally:
     gin.clear_config()
-    demo.demo_task()  # Other tests see the default demo task again.
+    synthetic.register_demo_task()  # Other tests see the default demo task again.
 
 
 @pytest.mark.slow
