@@ -33,10 +33,10 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from colt5_flax import checkpoints, gin_utils
-from colt5_flax import evaluate as evaluate_lib
+from colt5_flax import checkpoints, gin_utils, inference
 from colt5_flax import train as train_lib
 from colt5_flax.data import synthetic
+from colt5_flax.data import tasks as tasks_lib
 
 FLAGS = flags.FLAGS
 
@@ -115,18 +115,18 @@ def score(
 
   Gin: `demo_script.score.*` (configs/runs/demo.gin).
   """
-  trainer, params, step = evaluate_lib.restore_for_inference(
+  trainer, params, step = inference.restore_for_inference(
       model, partitioner, checkpoint_path, batch_size, task_feature_lengths
   )
-  metrics = evaluate_lib.evaluate_tasks(
+  metrics = inference.evaluate_tasks(
       trainer, params, mixture_or_task_name, task_feature_lengths, batch_size,
       split="validation", num_examples=num_examples, compute_loss=False,
   )
   accuracy = next(v for k, v in metrics.items() if k.endswith("/exact_match"))
   result = {"step": step, "accuracy": accuracy / 100.0 if accuracy > 1.0 else accuracy}
 
-  task = evaluate_lib.check_task(mixture_or_task_name)
-  examples = evaluate_lib.load_examples(task, "validation", task_feature_lengths, num_examples)
+  task = tasks_lib.get_task(mixture_or_task_name)
+  examples = inference.load_examples(task, "validation", task_feature_lengths, num_examples)
   encode = jax.jit(
       lambda p, tokens: model.module.apply(
           {"params": p}, tokens, enable_dropout=False, method=model.module.encode,
@@ -134,15 +134,13 @@ def score(
       )[1].get("intermediates", {})
   )
   routed_layers, relevant, tokens = [], [], []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start : start + batch_size]
-    batch = evaluate_lib.encdec_batch(chunk, task_feature_lengths, batch_size)
+  for num_rows, batch in inference.batches(examples, task_feature_lengths, batch_size):
     layers = routed_indices_by_layer(jax.device_get(encode(params, batch["encoder_input_tokens"])))
     if not layers:
       break  # No heavy branch: nothing is routed.
-    routed_layers.append([layer[: len(chunk)] for layer in layers])
-    relevant.append(synthetic.relevant_mask_for(batch["encoder_input_tokens"][: len(chunk)]))
-    tokens.append(batch["encoder_input_tokens"][: len(chunk)])
+    routed_layers.append([layer[:num_rows] for layer in layers])
+    relevant.append(synthetic.relevant_mask_for(batch["encoder_input_tokens"][:num_rows]))
+    tokens.append(batch["encoder_input_tokens"][:num_rows])
   if routed_layers:
     per_layer = [np.concatenate(parts) for parts in zip(*routed_layers, strict=True)]
     relevant_mask = np.concatenate(relevant)

@@ -13,7 +13,6 @@ unless the model's `decode_fn` says otherwise (CoLT5 §4 decodes greedily).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -21,16 +20,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from colt5_flax import evaluate as evaluate_lib
-from colt5_flax import gin_utils, partitioning
-
-
-def _text(value) -> str:
-  if isinstance(value, bytes):
-    return value.decode("utf-8", errors="replace")
-  if isinstance(value, np.ndarray) and value.ndim == 0:
-    return _text(value.item())
-  return str(value)
+from colt5_flax import gin_utils, inference, jsonl, partitioning
+from colt5_flax.data import tasks as tasks_lib
 
 
 def infer(
@@ -58,36 +49,36 @@ def infer(
     num_examples: the first N examples of each task (None: all).
     include_inputs: also write each example's input text.
   """
-  evaluate_lib.check_task(mixture_or_task_name)
+  tasks_lib.get_task(mixture_or_task_name)
   partitioner.check_batch_size(batch_size)
-  trainer, params, step = evaluate_lib.restore_for_inference(
+  trainer, params, step = inference.restore_for_inference(
       model, partitioner, checkpoint_path, batch_size, task_feature_lengths
   )
   if output_dir is None:
-    output_dir = str(evaluate_lib.default_output_dir(checkpoint_path, "infer"))
+    output_dir = str(inference.default_output_dir(checkpoint_path, "infer"))
   written = []
-  for task in evaluate_lib.tasks_with_split(mixture_or_task_name, split):
-    examples = evaluate_lib.load_examples(task, split, task_feature_lengths, num_examples)
-    token_ids = evaluate_lib.predict_examples(
+  for task in inference.tasks_with_split(mixture_or_task_name, split):
+    examples = inference.load_examples(task, split, task_feature_lengths, num_examples)
+    token_ids = inference.predict_examples(
         trainer, params, examples, task_feature_lengths, batch_size
     )
     vocabulary = task.output_features["targets"].vocabulary
     input_vocabulary = task.output_features["inputs"].vocabulary
     suffix = step if step is not None else "final"
     path = epath.Path(output_dir) / f"{task.name}-{split}-{suffix}.jsonl"
+    records = []
+    for index, (ids, example) in enumerate(zip(token_ids, examples, strict=True)):
+      text = vocabulary.decode(ids.tolist())
+      record = {
+          "id": inference.feature_text(example["id"]) if "id" in example else index,
+          "prediction": task.postprocess_fn(text, example=example, is_target=False),
+      }
+      if include_inputs:
+        # What the model read: the tokens after truncation to the input length.
+        record["inputs"] = input_vocabulary.decode(np.asarray(example["inputs"]).tolist())
+      records.append(record)
     if jax.process_index() == 0:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      with path.open("w") as f:
-        for index, (ids, example) in enumerate(zip(token_ids, examples, strict=True)):
-          text = vocabulary.decode(ids.tolist())
-          record = {
-              "id": _text(example["id"]) if "id" in example else index,
-              "prediction": task.postprocess_fn(text, example=example, is_target=False),
-          }
-          if include_inputs:
-            # What the model read: the tokens after truncation to the input length.
-            record["inputs"] = input_vocabulary.decode(np.asarray(example["inputs"]).tolist())
-          f.write(json.dumps(record, default=_text) + "\n")
+      jsonl.write(path, records)
     logging.info("Wrote %d predictions of %s to %s", len(examples), task.name, path)
     written.append(str(path))
   return written

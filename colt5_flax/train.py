@@ -45,9 +45,9 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
-from colt5_flax import checkpoints, gin_utils, optimizers, partitioning
-from colt5_flax import evaluate as evaluate_lib
+from colt5_flax import checkpoints, gin_utils, inference, jsonl, optimizers, partitioning
 from colt5_flax import trainer as trainer_lib
+from colt5_flax.data import tasks as tasks_lib
 
 
 def train_batches(
@@ -230,7 +230,7 @@ def train(
   """
   # -- Checks that need no compilation --------------------------------------------------
   model_dir = _check_model_dir(model_dir)
-  evaluate_lib.check_task(mixture_or_task_name)
+  tasks_lib.get_task(mixture_or_task_name)
   batch_shapes = trainer_lib.encdec_batch_shapes(batch_size, task_feature_lengths, pack=pack)
   _check_positive("TRAIN_STEPS", train_steps)
   _check_positive("CHECKPOINT_PERIOD", checkpoint_period)
@@ -298,8 +298,8 @@ def train(
       start_step = int(jax.device_get(state.step))
       batches_consumed = int(data_position.get("batches_consumed", 0))
       # Lines a killed run wrote after its last checkpoint are written again below.
-      evaluate_lib.drop_jsonl_records_after(train_log, start_step)
-      evaluate_lib.drop_jsonl_records_after(eval_log, start_step)
+      jsonl.drop_records_after(train_log, start_step)
+      jsonl.drop_records_after(eval_log, start_step)
 
       def position():
         return {
@@ -369,7 +369,7 @@ def train(
               summary["steps_per_sec"], _format_duration(eta),
           )
           train_writer.write_scalars(new_step, summary)
-          evaluate_lib.append_jsonl(train_log, {"step": new_step, **summary})
+          jsonl.append(train_log, {"step": new_step, **summary})
           window, window_start, window_overhead = [], time.time(), 0.0
 
         overhead_start = time.time()
@@ -378,7 +378,7 @@ def train(
           _check_finite(*unchecked, model_dir, checkpointer)
           eval_metrics = {
               f"eval/{name}": value
-              for name, value in evaluate_lib.evaluate_tasks(
+              for name, value in inference.evaluate_tasks(
                   trainer,
                   state.params,
                   mixture_or_task_name,
@@ -390,7 +390,7 @@ def train(
           }
           logging.info("step %d evaluation: %s", new_step, eval_metrics)
           eval_writer.write_scalars(new_step, eval_metrics)
-          evaluate_lib.append_jsonl(eval_log, {"step": new_step, **eval_metrics})
+          jsonl.append(eval_log, {"step": new_step, **eval_metrics})
 
         save_for_best = keep_best_checkpoints and eval_metrics is not None
         if new_step % checkpoint_period == 0 or is_last or preemption.received or save_for_best:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import functools
 import io
-import json
 import os
 import threading
 import zipfile
@@ -47,6 +46,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from colt5_flax import jsonl
 from colt5_flax.data import metrics, vocabularies
 
 SCROLLS_TASKS = metrics.SCROLLS_TASKS
@@ -104,16 +104,7 @@ def read_jsonl_rows(lines: Iterable[str], source: str) -> Iterator[dict]:
   Raises:
     ValueError: on a malformed line (with file:line) or a missing field (named).
   """
-  for line_number, line in enumerate(lines, start=1):
-    if not line.strip():
-      continue
-    location = f"{source}:{line_number}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise ValueError(f"{location}: malformed JSON line ({error})") from None
-    if not isinstance(row, dict):
-      raise ValueError(f"{location}: expected a JSON object, got {type(row).__name__}")
+  for location, row in jsonl.read_lines(lines, source):
     for field in REQUIRED_FIELDS:
       if field not in row:
         raise ValueError(f"{location}: missing field {field!r} (fields: {sorted(row)})")
@@ -597,31 +588,21 @@ def read_predictions(path: str) -> dict[str, str]:
       is not a string, or an id seen twice (named, with both lines).
   """
   predictions: dict[str, str] = {}
-  first_line: dict[str, int] = {}
-  with tf.io.gfile.GFile(path, "r") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      location = f"{path}:{line_number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise ValueError(f"{location}: malformed JSON line ({error})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{location}: expected a JSON object")
-      for field in ("id", "prediction"):
-        if field not in record:
-          raise ValueError(f"{location}: missing field {field!r}")
-      example_id, prediction = str(record["id"]), record["prediction"]
-      if not isinstance(prediction, str):
-        raise ValueError(f"{location}: prediction of id {example_id!r} is not a string")
-      if example_id in predictions:
-        raise ValueError(
-            f"{location}: duplicate prediction for id {example_id!r} "
-            f"(first at line {first_line[example_id]})"
-        )
-      predictions[example_id] = prediction
-      first_line[example_id] = line_number
+  first_location: dict[str, str] = {}
+  for location, record in jsonl.read(path):
+    for field in ("id", "prediction"):
+      if field not in record:
+        raise ValueError(f"{location}: missing field {field!r}")
+    example_id, prediction = str(record["id"]), record["prediction"]
+    if not isinstance(prediction, str):
+      raise ValueError(f"{location}: prediction of id {example_id!r} is not a string")
+    if example_id in predictions:
+      raise ValueError(
+          f"{location}: duplicate prediction for id {example_id!r} "
+          f"(first at {first_location[example_id]})"
+      )
+    predictions[example_id] = prediction
+    first_location[example_id] = location
   return predictions
 
 

@@ -58,17 +58,22 @@ def registered_task_names() -> list[str]:
 
 
 def get_task(name: str) -> seqio.Task | seqio.Mixture:
-  """The registered seqio task or mixture `name`.
+  """The registered seqio task or mixture `name` (gin: `MIXTURE_OR_TASK_NAME`).
 
   Raises:
-    ValueError: for an unknown name, listing the registered ones.
+    ValueError: for a name that is not a string, or an unknown one (listing the
+      registered ones).
   """
+  if not isinstance(name, str):
+    raise ValueError(f"A task or mixture name (MIXTURE_OR_TASK_NAME) is a string, got {name!r}")
   if name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(name)
   if name in seqio.MixtureRegistry.names():
     return seqio.MixtureRegistry.get(name)
   raise ValueError(
-      f"Unknown task or mixture {name!r}; registered: {', '.join(registered_task_names())}"
+      f"Unknown task or mixture {name!r} (MIXTURE_OR_TASK_NAME); registered: "
+      f"{', '.join(registered_task_names())}. Tasks register when the module defining them "
+      "is imported: does a gin file import it?"
   )
 
 
