@@ -119,10 +119,6 @@ RESULT_TAG = "BENCHMARK_CASE_RESULT "
 HEAD_DIM = 64
 LOCAL_RADIUS = 127  # LongT5 and CoLT5's light branch: window 255, blocks of 128.
 GLOBAL_BLOCK_SIZE = 16  # LongT5 TGlobal.
-# CoLT5 §3.3 (fine-tuning): m = n/16 queries and feedforward tokens, 2m keys/values, and
-# m stays at its 32k value (2048) for longer inputs.
-ROUTED_FRACTION = 1 / 16
-MAX_ROUTED_TOKENS = 2048
 # Fraction of the measured matmul peak assumed when estimating a case's run time.
 _ESTIMATE_EFFICIENCY = 0.5
 
@@ -150,14 +146,22 @@ SIZES = {
 }
 
 
+def _capacity():
+  """CoLT5 §3.3 (fine-tuning): m = n/16 queries and feedforward tokens, 2m keys/values,
+  and m stays at its 32k value (2048) for longer inputs: the layers' default capacity.
+  (Imported late: jax must not start before the case's XLA flags are set.)"""
+  from colt5_flax.layers.routing import RoutingCapacity
+
+  return RoutingCapacity()
+
+
 def routed_counts(length: int) -> dict[str, int]:
   """CoLT5 §3.3 routed-token counts at `length`: queries, keys/values, feedforward."""
-  from colt5_flax.layers.routing import routing_capacity
-
+  capacity = _capacity()
   return {
-      "queries": routing_capacity(length, ROUTED_FRACTION, MAX_ROUTED_TOKENS),
-      "key_values": routing_capacity(length, 2 * ROUTED_FRACTION, 2 * MAX_ROUTED_TOKENS),
-      "feedforward": routing_capacity(length, ROUTED_FRACTION, MAX_ROUTED_TOKENS),
+      "queries": capacity.count(length),
+      "key_values": capacity.count(length, key_values=True),
+      "feedforward": capacity.count(length),
   }
 
 
@@ -388,18 +392,14 @@ def encoder_factories(kind: str, size: Size, dtype) -> tuple[Any, Any]:
             num_light_heads=size.num_light_heads,
             num_heavy_heads=size.num_heavy_heads,
             local_radius=LOCAL_RADIUS,
-            routed_query_fraction=ROUTED_FRACTION,
-            routed_kv_fraction=2 * ROUTED_FRACTION,
-            max_routed_query_tokens=MAX_ROUTED_TOKENS,
-            max_routed_kv_tokens=2 * MAX_ROUTED_TOKENS,
+            capacity=_capacity(),
             dtype=dtype,
         ),
         functools.partial(
             conditional.ConditionalFeedForward,
             light_mlp_dim=size.light_mlp_dim,
             heavy_mlp_dim=size.heavy_mlp_dim,
-            routed_fraction=ROUTED_FRACTION,
-            max_routed_tokens=MAX_ROUTED_TOKENS,
+            capacity=_capacity(),
             dtype=dtype,
         ),
     )

@@ -60,14 +60,65 @@ def attention(query, key, value, *, positions_q, positions_k, table, allowed):
   return out
 
 
-def soft_top_k(scores, k, epsilon=1.0, num_iters=50, mask=None):
-  """CoLT5 §3.3 / CoDA's iteration for one row, in float64."""
-  s = np.asarray(scores, np.float64)
-  mask = np.ones(s.shape, bool) if mask is None else np.asarray(mask)
-  a = 0.0
-  b = np.zeros_like(s)
-  for _ in range(num_iters):
-    z = (s[mask] + b[mask]) / epsilon
-    a = epsilon * math.log(k) - epsilon * (z.max() + math.log(np.exp(z - z.max()).sum()))
-    b = np.minimum(-s - a, 0.0)
-  return np.where(mask, np.exp((s + b + a) / epsilon), 0.0)
+def soft_top_k_iteration(scores, k, *, epsilon=1.0, num_iters=50, mask=None, eps_init=None,
+                         eps_decay=0.7):
+  """The ALIGNER / CoDA iteration of CoLT5 §3.3 as written, float64, one row at a time,
+  masked entries removed from the row instead of set to −inf; [..., n] -> [..., n]."""
+  scores = np.asarray(scores, np.float64)
+  mask = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
+  weights = np.zeros_like(scores)
+  for row in np.ndindex(scores.shape[:-1]):
+    valid = mask[row]
+    row_scores = scores[row][valid]
+    if row_scores.size == 0:
+      continue
+    a, b = 0.0, np.zeros_like(row_scores)
+    for t in range(num_iters):
+      eps = epsilon if eps_init is None else max(eps_init * eps_decay**t, epsilon)
+      logits = (row_scores + b) / eps
+      top = logits.max()
+      a = eps * np.log(k) - eps * (top + np.log(np.sum(np.exp(logits - top))))
+      b = np.minimum(-row_scores - a, 0.0)
+    row_weights = np.zeros(scores.shape[-1])
+    row_weights[valid] = np.exp((row_scores + b + a) / eps)
+    weights[row] = row_weights
+  return weights
+
+
+def soft_top_k(scores, k, *, epsilon=1.0, mask=None):
+  """The soft top-k's solution from its optimality conditions, float64: λ_i = min(1,
+  exp((s_i + a)/ε)) with `a` found by bisection so that Σλ = k over the unmasked entries
+  (all ones when k ≥ their count, zeros for an empty row); [..., n] -> [..., n]."""
+  scores = np.asarray(scores, np.float64)
+  mask = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
+  weights = np.zeros_like(scores)
+  for row in np.ndindex(scores.shape[:-1]):
+    valid = mask[row]
+    row_scores = scores[row][valid]
+    if row_scores.size == 0:
+      continue
+    if k >= row_scores.size:
+      weights[row][valid] = 1.0
+      continue
+
+    def total(a, row_scores=row_scores):
+      return np.minimum(1.0, np.exp((row_scores + a) / epsilon)).sum()
+
+    # Σλ(a) is increasing: below `low` every λ < k/n, above `high` the top one is 1.
+    low = -row_scores.max() + epsilon * np.log(k / row_scores.size)
+    high = -row_scores.min() + epsilon
+    for _ in range(200):
+      middle = 0.5 * (low + high)
+      low, high = (middle, high) if total(middle) < k else (low, middle)
+    weights[row][valid] = np.minimum(1.0, np.exp((row_scores + 0.5 * (low + high)) / epsilon))
+  return weights
+
+
+def hard_top_k(ranking, mask, num_selected):
+  """Positions of the num_selected largest `ranking` keys of each row (padding last,
+  ties to the lower position), sorted ascending; [batch, n] -> [batch, num_selected]."""
+  indices = []
+  for row_keys, row_mask in zip(np.asarray(ranking), np.asarray(mask), strict=True):
+    keys = np.where(row_mask, row_keys, -np.inf)
+    indices.append(np.sort(np.argsort(-keys, kind="stable")[:num_selected]))
+  return np.stack(indices)

@@ -242,12 +242,16 @@ def test_model_file_has_the_paper_sizes(kind, size):
     )
     assert attn.local_radius == 127 and decoder.num_cross_attention_kv_heads == 1
     # Fine-tuning capacity by default: m = n/16 and 2m, capped at the 32k values.
-    assert (attn.routed_query_fraction, attn.routed_kv_fraction) == (1 / 16, 1 / 8)
-    assert (attn.max_routed_query_tokens, attn.max_routed_kv_tokens) == (2048, 4096)
-    assert (feed_forward.routed_fraction, feed_forward.max_routed_tokens) == (1 / 16, 2048)
-    assert attn.routing == feed_forward.routing == "learned"
-    assert attn.router_num_iters == 50 and attn.router_epsilon == 1.0
-    assert attn.soft_top_k_factor == 9 / 8
+    assert attn.capacity == feed_forward.capacity
+    assert (attn.capacity.count(16384), attn.capacity.count(16384, key_values=True)) == (
+        1024, 2048,
+    )
+    assert (attn.capacity.count(65536), attn.capacity.count(65536, key_values=True)) == (
+        2048, 4096,
+    )
+    assert attn.capacity.soft_top_k_factor == 9 / 8
+    router = attn.router_factory(num_selected=4, soft_top_k_target=4.5)
+    assert (router.routing, router.epsilon, router.num_iters) == ("learned", 1.0, 50)
   else:
     assert (attn.num_heads, attn.head_dim) == (t5["heads"], 64)
     assert feed_forward.hidden_dim == t5["mlp"]

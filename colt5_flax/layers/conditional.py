@@ -9,12 +9,12 @@ a heavy branch whose output is scaled by the router's soft top-k weight λ:
 Routed tokens are gathered into static shapes [batch, num_routed, embed], processed and
 scatter-added back, so the heavy branch costs O(num_routed) and everything jits.
 
-Routing capacity (§3.3, SPEC §1.3): queries and the feedforward route `routed_fraction`
-of the (static) input length, keys/values twice that, optionally capped by a maximum
-count (the paper keeps m fixed beyond 32k tokens).
+How many tokens each router takes is one `routing.RoutingCapacity` (§3.3: m queries and
+feedforward tokens, 2m keys/values); how a router scores and selects them is the
+`router_factory` (a `routing.Router` that gin configures once for all routers).
 """
 
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -26,56 +26,22 @@ from colt5_flax.layers.mlp import GatedMlp
 
 Dtype = Any
 
-# SPEC §1.1: the soft top-k is normalised to sum to 9/8·k while k tokens are routed.
-DEFAULT_SOFT_TOP_K_FACTOR = 9 / 8
+
+class RouterFactory(Protocol):
+  """Builds a router for `num_selected` tokens whose soft top-k sums to
+  `soft_top_k_target` (`routing.Router`, with gin's bindings for everything else)."""
+
+  def __call__(
+      self, *, num_selected: int, soft_top_k_target: float, name: str
+  ) -> routing_lib.Router:
+    ...
 
 
-class _RoutingOptions(nn.Module):
-  """Router settings shared by the conditional layers (a mixin of attributes).
-
-  Attributes:
-    routing: 'learned' (the paper), 'static' (evenly spaced positions; Table 6 ablation)
-      or 'random' (our ablation).
-    soft_top_k_factor: the soft top-k sums to this × the routed count (SPEC §1.1: 9/8).
-    train_capacity_factor: while training (`enable_dropout=True`), route this × the
-      routed count (the paper's "top 9/8·k tokens keep nonzero weight" option; default
-      1.0 routes k tokens in training too) **(ours: switch)**.
-    router_epsilon, router_num_iters: soft top-k ε and iterations (paper: 1.0, 50).
-    router_eps_init, router_eps_decay: CoDA's ε-scaling (eps_init 4, decay 0.7), off
-      when eps_init is None.
-  """
-
-  routing: str = "learned"
-  soft_top_k_factor: float = DEFAULT_SOFT_TOP_K_FACTOR
-  train_capacity_factor: float = 1.0
-  router_epsilon: float = 1.0
-  router_num_iters: int = 50
-  router_eps_init: float | None = None
-  router_eps_decay: float = 0.7
-
-  def _capacity(self, length: int, fraction: float, max_tokens: int | None, training: bool):
-    """(tokens routed now, tokens the soft top-k is normalised to)."""
-    base = routing_lib.routing_capacity(length, fraction, max_tokens)
-    routed = base
-    if training and self.train_capacity_factor != 1.0:
-      routed = min(length, max(1, round(base * self.train_capacity_factor)))
-    return routed, min(float(length), base * self.soft_top_k_factor)
-
-  def _router(self, num_selected: int, target: float, name: str) -> routing_lib.Router:
-    return routing_lib.Router(
-        num_selected=num_selected,
-        soft_top_k_target=target,
-        epsilon=self.router_epsilon,
-        num_iters=self.router_num_iters,
-        eps_init=self.router_eps_init,
-        eps_decay=self.router_eps_decay,
-        routing=self.routing,
-        name=name,
-    )
-
-
-def _sow_statistics(module: nn.Module, prefix: str, routed: routing_lib.Routing, mask):
-  """Scalars for the training metrics (model.routing_statistics averages them)."""
+def _sow_statistics(
+    module: nn.Module, prefix: str, routed: routing_lib.Routing, mask
+) -> None:
+  """Scalars for the training metrics (model.routing_statistics averages them over
+  layers into `routing/<prefix>_<name>`), and the routed positions for analyses."""
   real = jnp.asarray(mask, jnp.float32) if mask is not None else 1.0
   soft = routed.soft_weights * real
   selected_mass = jnp.sum(routed.weights, axis=-1)
@@ -84,11 +50,13 @@ def _sow_statistics(module: nn.Module, prefix: str, routed: routing_lib.Routing,
       "intermediates", f"routing_{prefix}_selected_mass", jnp.mean(selected_mass / total_mass)
   )
   module.sow("intermediates", f"routing_{prefix}_mean_weight", jnp.mean(routed.weights))
+  # |Σλ − k| / k: how far the soft top-k is from its constraint (0 when it converged).
+  module.sow("intermediates", f"routing_{prefix}_sum_error", jnp.mean(routed.sum_error))
   # The positions themselves, for routing analyses (router recall in the demo).
   module.sow("intermediates", f"{prefix}_routed_indices", routed.indices)
 
 
-class ConditionalFeedForward(_RoutingOptions):
+class ConditionalFeedForward(nn.Module):
   """X_i + FF_light(X_i) + λ_i · FF_heavy(X_i) (CoLT5 §3.1); returns the two branches' sum.
 
   Both branches are T5.1.1 gated-GELU MLPs that differ only in width (Table 7): light
@@ -97,16 +65,15 @@ class ConditionalFeedForward(_RoutingOptions):
   Attributes:
     light_mlp_dim: light width (CoLT5-B 1024).
     heavy_mlp_dim: heavy width (CoLT5-B 8192).
-    routed_fraction: fraction of the static length routed (1/16 in fine-tuning, 1/8 in
-      pretraining).
-    max_routed_tokens: cap on the routed count (None: no cap).
+    capacity: how many tokens the router takes (m, the feedforward's count).
+    router_factory: builds the router (`routing.Router`; gin binds its settings once).
     use_heavy_branch: False leaves the light branch alone (our ablation).
   """
 
   light_mlp_dim: int = 1024
   heavy_mlp_dim: int = 8192
-  routed_fraction: float = 1 / 16
-  max_routed_tokens: int | None = None
+  capacity: routing_lib.RoutingCapacity = routing_lib.RoutingCapacity()
+  router_factory: RouterFactory = routing_lib.Router
   use_heavy_branch: bool = True
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -125,10 +92,9 @@ class ConditionalFeedForward(_RoutingOptions):
     if not self.use_heavy_branch:
       return light
     length = x.shape[1]
-    num_routed, target = self._capacity(
-        length, self.routed_fraction, self.max_routed_tokens, enable_dropout
-    )
-    routed = self._router(num_routed, target, "router")(x, mask, deterministic=not enable_dropout)
+    num_routed, target = self.capacity.routed(length, training=enable_dropout)
+    router = self.router_factory(num_selected=num_routed, soft_top_k_target=target, name="router")
+    routed = router(x, mask, deterministic=not enable_dropout)
     _sow_statistics(self, "mlp", routed, mask)
     heavy = GatedMlp(
         hidden_dim=self.heavy_mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
@@ -138,7 +104,7 @@ class ConditionalFeedForward(_RoutingOptions):
     return light + routing_lib.scatter_add_tokens(heavy, routed.indices, length)
 
 
-class ConditionalAttention(_RoutingOptions):
+class ConditionalAttention(nn.Module):
   """A_light(X_i, X) + λ^q_i · A_heavy(X_i, λ^kv ⊙ X) (CoLT5 §3.2).
 
   Light: LongT5 local attention (radius 127, no global tokens) with a quarter of T5's
@@ -147,17 +113,17 @@ class ConditionalAttention(_RoutingOptions):
   before the K and V projections, so both keys and values are scaled (§3.2), and the
   routed outputs are scaled by the query weights. Position information in the heavy
   branch **(ours)**: the T5 relative position bias of the tokens' original positions,
-  from a second stack-shared table.
+  from a second stack-shared table (`heavy_position_bias=False`: none).
 
   Attributes:
     num_light_heads: light heads (CoLT5-B 4).
     num_heavy_heads: heavy heads (CoLT5-B 8).
     head_dim: 64.
     local_radius: light-branch radius (127).
-    routed_query_fraction: queries routed, fraction of the length (1/16 fine-tuning).
-    routed_kv_fraction: keys/values routed (2 × the query fraction; "v = q" ablation:
-      equal to it).
-    max_routed_query_tokens, max_routed_kv_tokens: caps (None: no cap).
+    capacity: how many queries (m) and keys/values (kv_ratio × m) are routed.
+    router_factory: builds the routers (`routing.Router`; gin binds its settings once).
+    heavy_position_bias: the heavy branch adds a relative position bias from its own
+      stack-shared table **(ours: True)**.
     route_key_values: False attends from the routed queries to all tokens ("v = all"
       ablation; no kv router, λ^kv = 1).
     share_router: one router for queries and keys/values (Table 6 "shared QKV routing"):
@@ -172,10 +138,9 @@ class ConditionalAttention(_RoutingOptions):
   local_radius: int = 127
   num_buckets: int = 32
   max_distance: int = 128
-  routed_query_fraction: float = 1 / 16
-  routed_kv_fraction: float = 1 / 8
-  max_routed_query_tokens: int | None = None
-  max_routed_kv_tokens: int | None = None
+  capacity: routing_lib.RoutingCapacity = routing_lib.RoutingCapacity()
+  router_factory: RouterFactory = routing_lib.Router
+  heavy_position_bias: bool = True
   route_key_values: bool = True
   share_router: bool = False
   use_heavy_branch: bool = True
@@ -185,7 +150,7 @@ class ConditionalAttention(_RoutingOptions):
   def relative_bias_spec(self) -> dict[str, int]:
     """Two stack-shared tables: the light (local) and the heavy (routed) heads'."""
     spec = {"light_rel_embedding": self.num_light_heads}
-    if self.use_heavy_branch:
+    if self.use_heavy_branch and self.heavy_position_bias:
       spec["heavy_rel_embedding"] = self.num_heavy_heads
     return spec
 
@@ -222,30 +187,7 @@ class ConditionalAttention(_RoutingOptions):
     batch, length, embed = x.shape
     if mask is None:
       mask = jnp.ones((batch, length), bool)
-    deterministic = not enable_dropout
-    num_queries, query_target = self._capacity(
-        length, self.routed_query_fraction, self.max_routed_query_tokens, enable_dropout
-    )
-    num_kv, kv_target = self._capacity(
-        length, self.routed_kv_fraction, self.max_routed_kv_tokens, enable_dropout
-    )
-
-    if self.share_router:
-      if not self.route_key_values:
-        raise ValueError("share_router=True needs route_key_values=True")
-      kv_routing = self._router(max(num_kv, num_queries), kv_target, "router")(
-          x, mask, deterministic=deterministic
-      )
-      query_routing = _top_of(kv_routing, num_queries, mask)
-    else:
-      query_routing = self._router(num_queries, query_target, "query_router")(
-          x, mask, deterministic=deterministic
-      )
-      kv_routing = None
-      if self.route_key_values:
-        kv_routing = self._router(num_kv, kv_target, "kv_router")(
-            x, mask, deterministic=deterministic
-        )
+    query_routing, kv_routing = self._route(x, mask, training=enable_dropout)
     _sow_statistics(self, "q", query_routing, mask)
 
     if kv_routing is None:
@@ -279,13 +221,20 @@ class ConditionalAttention(_RoutingOptions):
           routing_lib.gather_tokens(segment_ids, query_positions),
           routing_lib.gather_tokens(segment_ids, kv_positions),
       )
-    bias = relative_position.bias_from_embedding(
-        heavy_rel_embedding,
-        relative_position.relative_positions(query_positions, kv_positions),
-        bidirectional=True,
-        num_buckets=self.num_buckets,
-        max_distance=self.max_distance,
-    )
+    bias = None
+    if self.heavy_position_bias:
+      if heavy_rel_embedding is None:
+        raise ValueError(
+            "ConditionalAttention.heavy_position_bias=True needs heavy_rel_embedding (the "
+            "stack builds it from relative_bias_spec())"
+        )
+      bias = relative_position.bias_from_embedding(
+          heavy_rel_embedding,
+          relative_position.relative_positions(query_positions, kv_positions),
+          bidirectional=True,
+          num_buckets=self.num_buckets,
+          max_distance=self.max_distance,
+      )
     attended = heavy.attend(
         query, key, value, mask=heavy_mask, bias=bias, enable_dropout=enable_dropout
     )
@@ -293,15 +242,44 @@ class ConditionalAttention(_RoutingOptions):
     out = out * jnp.asarray(query_routing.weights[..., None], out.dtype)
     return light + routing_lib.scatter_add_tokens(out, query_positions, length)
 
+  def _route(self, x, mask, *, training: bool):
+    """(query routing, key/value routing or None for "v = all") of x [batch, length, embed].
 
-def _top_of(routed: routing_lib.Routing, count: int, mask) -> routing_lib.Routing:
-  """The `count` highest-weight selections of `routed`, again sorted by position.
+    Separate query and key/value routers (§3.3), or one shared router (Table 6) whose
+    key/value selection also supplies the queries: its `count` highest-scored tokens.
+    """
+    length = x.shape[1]
+    num_queries, query_target = self.capacity.routed(length, training=training)
+    num_kv, kv_target = self.capacity.routed(length, key_values=True, training=training)
 
-  Selected padding ranks below every real token, even one whose λ underflowed to 0.
+    def route(num_selected, target, name):
+      router = self.router_factory(num_selected=num_selected, soft_top_k_target=target, name=name)
+      return router(x, mask, deterministic=not training)
+
+    if self.share_router:
+      if not self.route_key_values:
+        raise ValueError(
+            "ConditionalAttention.share_router=True needs route_key_values=True (a shared "
+            "router selects the keys/values)"
+        )
+      kv_routing = route(max(num_kv, num_queries), kv_target, "router")
+      return _top_of(kv_routing, num_queries), kv_routing
+    query_routing = route(num_queries, query_target, "query_router")
+    if not self.route_key_values:
+      return query_routing, None
+    return query_routing, route(num_kv, kv_target, "kv_router")
+
+
+def _top_of(routed: routing_lib.Routing, count: int) -> routing_lib.Routing:
+  """The `count` highest-ranked selections of `routed`, again sorted by position.
+
+  Ranked by the router's ranking keys (scores; padding is −inf, below every real token),
+  not by λ, which ties at 1 when saturated.
   """
-  real = routing_lib.gather_tokens(mask, routed.indices)
-  order = jnp.argsort(-jnp.where(real, routed.weights, -1.0), axis=-1, stable=True)[:, :count]
+  keys = jnp.take_along_axis(routed.ranking, routed.indices, axis=-1)
+  order = jnp.argsort(-keys, axis=-1, stable=True)[:, :count]
   order = jnp.sort(order, axis=-1)
-  indices = jnp.take_along_axis(routed.indices, order, axis=-1)
-  weights = jnp.take_along_axis(routed.weights, order, axis=-1)
-  return routing_lib.Routing(indices=indices, weights=weights, soft_weights=routed.soft_weights)
+  return routed.replace(
+      indices=jnp.take_along_axis(routed.indices, order, axis=-1),
+      weights=jnp.take_along_axis(routed.weights, order, axis=-1),
+  )

@@ -12,6 +12,7 @@ integer computed at trace time from the static length (`routing_capacity`), and 
 is handled by masking, never by dynamic shapes.
 """
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import numpy as np
 Initializer = Callable[..., jax.Array]
 
 ROUTING_KINDS = ("learned", "static", "random")
+SOFT_TOP_K_SOLVERS = ("exact", "iterative")
 
 # Largest count for which `j * n_real` (j < count, n_real's remainder < count) fits int32
 # in static routing's integer arithmetic; far above any routed count CoLT5 uses (≤ 2048).
@@ -91,6 +93,64 @@ def routing_capacity(
   return int(max(1, min(count, int(length))))
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutingCapacity:
+  """How many tokens each router of a CoLT5 layer takes: one fact for the whole encoder.
+
+  CoLT5 §3.3: the feedforward and the attention's queries route m = `fraction` × n
+  tokens, the keys/values `kv_ratio` × m (the paper: 2m), and beyond `max_length` input
+  tokens (the paper: 32k) the counts stay at their `max_length` values. m = n/16 in
+  fine-tuning, n/8 in pretraining. The counts are Python ints computed from the static
+  length (`routing_capacity`), so shapes stay static under jit.
+
+  Attributes:
+    fraction: m / n for the queries and the feedforward (1/16 fine-tuning, 1/8
+      pretraining).
+    kv_ratio: keys/values route this × m (2; 1 is Table 6's "v = q"); the key/value
+      fraction is capped at 1.
+    max_length: input length beyond which the counts stop growing (32768); None: no cap.
+    soft_top_k_factor: the soft top-k sums to this × the routed count (CoLT5 §3.3: the
+      top 9/8·k tokens keep nonzero weight).
+    train_capacity_factor: while training, route this × the count **(ours: 1.0, i.e. k
+      tokens in training too)**.
+  """
+
+  fraction: float = 1 / 16
+  kv_ratio: float = 2.0
+  max_length: int | None = 32768
+  soft_top_k_factor: float = 9 / 8
+  train_capacity_factor: float = 1.0
+
+  def __post_init__(self):
+    if not 0.0 < self.fraction <= 1.0:
+      raise ValueError(f"RoutingCapacity.fraction={self.fraction!r} must be in (0, 1]")
+    if not self.kv_ratio > 0.0:
+      raise ValueError(f"RoutingCapacity.kv_ratio={self.kv_ratio!r} must be > 0")
+    if self.max_length is not None and self.max_length < 1:
+      raise ValueError(f"RoutingCapacity.max_length={self.max_length!r} must be >= 1 or None")
+    if not self.soft_top_k_factor > 0.0 or not self.train_capacity_factor > 0.0:
+      raise ValueError(
+          f"RoutingCapacity: soft_top_k_factor={self.soft_top_k_factor!r} and "
+          f"train_capacity_factor={self.train_capacity_factor!r} must be > 0"
+      )
+
+  def count(self, length: int, *, key_values: bool = False) -> int:
+    """Routed tokens at this static length: m, or the keys/values' kv_ratio × m."""
+    fraction = min(1.0, self.fraction * (self.kv_ratio if key_values else 1.0))
+    max_tokens = None
+    if self.max_length is not None and length > self.max_length:
+      max_tokens = routing_capacity(self.max_length, fraction)
+    return routing_capacity(length, fraction, max_tokens)
+
+  def routed(self, length: int, *, key_values: bool = False, training: bool = False):
+    """(tokens routed now, the sum the soft top-k is normalised to)."""
+    base = self.count(length, key_values=key_values)
+    routed = base
+    if training and self.train_capacity_factor != 1.0:
+      routed = min(length, max(1, round(base * self.train_capacity_factor)))
+    return routed, min(float(length), base * self.soft_top_k_factor)
+
+
 def _epsilon_schedule(
     epsilon: float, num_iters: int, eps_init: float | None, eps_decay: float
 ) -> np.ndarray:
@@ -108,53 +168,57 @@ def soft_top_k(
     epsilon: float = 1.0,
     num_iters: int = 50,
     mask: jax.Array | None = None,
+    solver: str = "exact",
     eps_init: float | None = None,
     eps_decay: float = 0.7,
 ) -> jax.Array:
   """Soft top-k of ALIGNER / CoDA, as CoLT5 §3.3 normalises router scores.
 
-  Solves `max_λ sᵀλ + ε H(λ)` s.t. `Σ λ = k`, `0 ≤ λ ≤ 1`, `H(λ) = −Σ λ_i ln λ_i`, by the
-  dual iteration from `a = 0, b = 0`:
+  Solves `max_λ sᵀλ + ε H(λ)` s.t. `Σ λ = k`, `0 ≤ λ ≤ 1`, `H(λ) = −Σ λ_i ln λ_i`, whose
+  solution is `λ_i = min(1, exp((s_i + a) / ε))` for the one `a` that makes `Σ λ = k`.
+  The paper reaches it by the dual iteration from `a = 0, b = 0`:
 
       a   ← ε ln k − ε logsumexp((s + b) / ε)
       b_i ← min(−s_i − a, 0)
       λ_i = exp((s_i + b_i + a) / ε)
 
-  Since the final `b` is computed from the final `a`, `s_i + b_i + a = min(s_i + a, 0)`:
-  λ is a monotone function of the score and never exceeds 1 (the exponent is clamped at
-  0 to absorb a rounding ulp). After convergence `Σ λ = k`; with a finite `num_iters`
-  the sum is approximate (the paper runs 50 iterations at ε = 1).
+  That iteration is a contraction whose rate is the share of saturated tokens (λ = 1) in
+  the target, and from `a = 0` each step raises `a` by at most `ε ln(k/j)`: when the
+  scores spread (a router vector that grows in training) 50 iterations stop far short,
+  e.g. Σλ = 32 instead of 144 at n = 2048 with score std 100, and routed tokens silently
+  get λ ≈ 0. So two solvers reach the same fixed point:
+
+  - 'exact' (default): sorts the scores and finds the number J of saturated tokens, the
+    first j for which `a_j = ε ln(k − j) − ε logsumexp(s_(j+1..n) / ε)` (the top j
+    clipped at 1, the rest exponential) leaves the largest unclipped token at λ ≤ 1.
+    Then `a = a_J`, differentiable through the unclipped scores, which gives the exact
+    implicit gradient of the fixed point. It is the paper's iteration run to convergence,
+    whatever the spread, in O(n log n) and O(n) memory.
+  - 'iterative': the paper's iteration, `num_iters` steps (CoLT5: 50 at ε = 1), with
+    optional CoDA ε-scaling: iteration t uses `ε_t = max(eps_init · eps_decay^t, ε)` and λ
+    the last iteration's ε. Reverse-mode memory is O(num_iters · n) per row.
 
   Masked positions (padding) behave as score −inf (CoLT5 §3.3: padding is never
-  routed) without ever forming −inf arithmetic: they take no part in the logsumexp and
-  their weight is exactly 0, with zero, finite gradient. A row with no unmasked position
-  yields all zeros and no NaN, in values and gradients.
+  routed) without ever forming −inf arithmetic: their weight is exactly 0, with zero,
+  finite gradient. A row with no unmasked position yields all zeros and no NaN, in values
+  and gradients. If k is at least the number of unmasked positions, `Σ λ = k` cannot be
+  met and every unmasked weight is exactly 1 (zero gradient).
 
-  If k is at least the number of unmasked positions, the constraint `Σ λ = k` cannot be
-  met: each iteration raises `a` by `ε ln(k / n_unmasked) ≥ 0`, every `b_i` clips to
-  `−s_i − a`, and all unmasked weights saturate at exactly 1 (zero gradient).
-
-  ε-scaling (CoDA): when `eps_init` is given, iteration t uses
-  `ε_t = max(eps_init · eps_decay^t, epsilon)`, and the result λ uses the last
-  iteration's ε (which is `epsilon` once the schedule has reached its floor; with the
-  CoDA setting eps_init=4, eps_decay=0.7 that takes 4 iterations).
-
-  Computed in float32 whatever the input dtype. The loop is a `lax.scan` of static
-  length, so it compiles once and reverse-mode differentiates (memory O(num_iters · n)
-  per row for the backward pass).
+  Computed in float32 whatever the input dtype.
 
   Args:
     scores: [..., n] router scores, any float dtype.
     k: static target sum (int or float > 0; may be fractional, e.g. 9/8 · k).
     epsilon: entropy weight ε > 0 (CoLT5: 1.0), the floor of the ε-scaling schedule.
-    num_iters: number of iterations ≥ 1 (CoLT5: 50; CoDA with ε-scaling: ~20).
+    num_iters: iterations of the 'iterative' solver (CoLT5: 50; CoDA with ε-scaling ~20).
     mask: optional [..., n] bool (broadcastable to scores), True = may be routed.
-    eps_init: optional initial ε of CoDA's ε-scaling (CoDA: 4.0); must be ≥ epsilon.
-    eps_decay: per-iteration decay of ε-scaling, in (0, 1) (CoDA: 0.7).
+    solver: 'exact' or 'iterative' (see above).
+    eps_init: 'iterative' only: initial ε of CoDA's ε-scaling (CoDA: 4.0), ≥ epsilon.
+    eps_decay: 'iterative' only: per-iteration decay of ε-scaling, in (0, 1) (CoDA: 0.7).
 
   Returns:
-    [..., n] float32 weights λ in [0, 1], summing to ≈ min(k, n_unmasked) per row;
-    exactly 0 at masked positions.
+    [..., n] float32 weights λ in [0, 1], summing to min(k, n_unmasked) per row (the
+    'iterative' solver approximately); exactly 0 at masked positions.
 
   Raises:
     ValueError: naming the bad argument.
@@ -165,9 +229,16 @@ def soft_top_k(
     raise ValueError(f"soft_top_k: k={k!r} must be a finite number > 0")
   if not epsilon > 0:
     raise ValueError(f"soft_top_k: epsilon={epsilon!r} must be > 0")
+  if solver not in SOFT_TOP_K_SOLVERS:
+    raise ValueError(f"soft_top_k: solver={solver!r}; expected one of {SOFT_TOP_K_SOLVERS}")
   if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"soft_top_k: num_iters={num_iters!r} must be an int >= 1")
   if eps_init is not None:
+    if solver != "iterative":
+      raise ValueError(
+          f"soft_top_k: eps_init={eps_init!r} (ε-scaling) is a setting of the 'iterative' "
+          f"solver; solver={solver!r} reaches the fixed point without it"
+      )
     if not eps_init >= epsilon:
       raise ValueError(
           f"soft_top_k: eps_init={eps_init!r} must be >= epsilon={epsilon!r} "
@@ -194,9 +265,63 @@ def soft_top_k(
   # Masked scores are replaced by 0 (not −inf) and excluded by `where`s below, so no
   # −inf − a or inf · 0 ever forms, in the forward pass or in the gradient.
   safe_scores = jnp.where(mask, scores, 0.0)
+  if solver == "exact":
+    a = _exact_offset(safe_scores, mask, k, float(epsilon))
+    final_epsilon = float(epsilon)
+  else:
+    a, final_epsilon = _iterated_offset(
+        safe_scores, mask, k, _epsilon_schedule(float(epsilon), num_iters, eps_init,
+                                                float(eps_decay))
+    )
+  # λ = min(1, exp((s + a)/ε)); the clipped branch is constant in s (zero gradient).
+  exponent = jnp.where(mask, jnp.minimum(safe_scores + a, 0.0) / final_epsilon, 0.0)
+  weights = jnp.where(mask, jnp.exp(exponent), 0.0)
+  # k ≥ the unmasked count: Σλ = k is out of reach and every unmasked token saturates.
+  num_unmasked = jnp.sum(mask, axis=-1, keepdims=True)
+  return jnp.where(num_unmasked <= k, mask.astype(jnp.float32), weights)
+
+
+def _exact_offset(safe_scores, mask, k: float, epsilon: float) -> jax.Array:
+  """The fixed point's `a` [..., 1], so that Σ min(1, exp((s_i + a)/ε)) = k.
+
+  With the unmasked scores sorted in descending order t_0 ≥ t_1 ≥ …, assuming the top j
+  saturate gives `a_j = ε ln(k − j) − ε logsumexp(t_j.. / ε)`. Every a_j ≤ a (the
+  assumption over-counts), and the first j whose largest unclipped token fits
+  (`t_j + a_j ≤ 0`) is the number of saturated tokens, with `a_j = a`. The sort order
+  and that j carry no gradient; `a_j` is differentiable in the unclipped scores.
+  """
+  length = safe_scores.shape[-1]
+  num_unmasked = jnp.sum(mask, axis=-1, keepdims=True)
+  z = safe_scores / epsilon
+  # Descending, padding last (argsort is stable; its order has no gradient).
+  order = jnp.argsort(jnp.where(mask, -z, jnp.inf), axis=-1)
+  ranks = jnp.arange(length)
+  is_real = ranks < num_unmasked
+  # Padding becomes a finite value 1e4 below the smallest real score: exp(−1e4) adds
+  # exactly nothing in float32, and no ±inf enters the scan or its gradient.
+  lowest = jnp.min(jnp.where(mask, z, jnp.inf), axis=-1, keepdims=True)
+  lowest = jax.lax.stop_gradient(jnp.where(num_unmasked > 0, lowest, 0.0))
+  sorted_z = jnp.where(is_real, jnp.take_along_axis(z, order, axis=-1), lowest - 1e4)
+  tail_logsumexp = jax.lax.cumlogsumexp(sorted_z, axis=sorted_z.ndim - 1, reverse=True)
+  remaining = k - ranks.astype(jnp.float32)  # k − j for j saturated tokens
+  offsets = jnp.log(jnp.maximum(remaining, 1e-30)) - tail_logsumexp  # a_j / ε
+  fits = (sorted_z + offsets <= 0.0) & (remaining > 0.0) & is_real
+  # The first j that fits; if rounding leaves none, the largest admissible j.
+  largest = jnp.clip(
+      jnp.minimum(math.ceil(k) - 1, num_unmasked - 1), 0, length - 1
+  ).astype(jnp.int32)
+  saturated = jnp.where(
+      jnp.any(fits, axis=-1, keepdims=True),
+      jnp.argmax(fits, axis=-1, keepdims=True).astype(jnp.int32),
+      largest,
+  )
+  return epsilon * jnp.take_along_axis(offsets, saturated, axis=-1)
+
+
+def _iterated_offset(safe_scores, mask, k: float, schedule: np.ndarray):
+  """The paper's iteration: (`a` [..., 1] after len(schedule) steps, the last ε)."""
   any_unmasked = jnp.any(mask, axis=-1, keepdims=True)
   log_k = math.log(k)
-  schedule = _epsilon_schedule(float(epsilon), num_iters, eps_init, float(eps_decay))
 
   def masked_logsumexp(logits):
     """logsumexp over unmasked entries of [..., n] -> [..., 1]; 0 for all-masked rows."""
@@ -214,13 +339,10 @@ def soft_top_k(
     b = jnp.where(mask, jnp.minimum(-safe_scores - a, 0.0), 0.0)
     return (a, b), None
 
-  initial = (jnp.zeros(scores.shape[:-1] + (1,), jnp.float32), jnp.zeros_like(scores))
-  (a, b), _ = jax.lax.scan(iteration, initial, jnp.asarray(schedule))
-  final_epsilon = float(schedule[-1])
-  # s + b + a ≤ 0 in exact arithmetic; the clamp keeps λ ≤ 1 despite rounding and has
-  # zero gradient there either way (the clipped branch is constant in s).
-  exponent = jnp.where(mask, jnp.minimum(safe_scores + b + a, 0.0) / final_epsilon, 0.0)
-  return jnp.where(mask, jnp.exp(exponent), 0.0)
+  initial = (jnp.zeros(safe_scores.shape[:-1] + (1,), jnp.float32), jnp.zeros_like(safe_scores))
+  (a, _), _ = jax.lax.scan(iteration, initial, jnp.asarray(schedule))
+  # s + b + a = min(s + a, 0) once b is computed from the final a.
+  return a, float(schedule[-1])
 
 
 def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
@@ -288,20 +410,38 @@ class Routing:
       num_selected).
     soft_weights: [batch, length] float32 weights of every position (the soft top-k λ
       for learned routing; the hard 0/1 selection for static/random), for statistics.
+    ranking: [batch, length] float32 keys the selection ranked by, highest first: the
+      router scores (learned) or the 0/1 selection (static/random); −inf at padding.
+    sum_error: [batch] float32 `|Σλ − k| / k` with k the target capped at the row's real
+      tokens (0 for a row without any): how far the soft top-k is from its constraint.
   """
 
   indices: jax.Array
   weights: jax.Array
   soft_weights: jax.Array
+  ranking: jax.Array
+  sum_error: jax.Array
 
 
-def default_router_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32):
-  """Normal with std `1/sqrt(embed)`: unit-variance scores for unit-RMS (normalised) x.
+def _sum_error(soft_weights: jax.Array, mask: jax.Array, target: float) -> jax.Array:
+  """[batch] |Σλ − k'| / k' with k' = min(target, real tokens); 0 for empty rows."""
+  reachable = jnp.minimum(jnp.sum(mask, axis=-1, dtype=jnp.float32), float(target))
+  total = jnp.sum(jnp.where(mask, soft_weights, 0.0), axis=-1)
+  return jnp.where(reachable > 0, jnp.abs(total - reachable) / jnp.maximum(reachable, 1.0), 0.0)
+
+
+def router_init(scale: float = 1.0) -> Initializer:
+  """Normal with std `scale / sqrt(embed)`: scores of std `scale` for unit-RMS x.
 
   The paper does not give the router's initialisation **(ours)**. Unit-variance scores
-  at ε = 1 make the initial λ neither uniform (u = 0 would tie every token) nor hard.
+  (scale 1) at ε = 1 make the initial λ neither uniform (u = 0 would tie every token)
+  nor hard.
   """
-  return jax.random.normal(key, shape, dtype) * jnp.asarray(shape[-1] ** -0.5, dtype)
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(scale * shape[-1] ** -0.5, dtype)
+
+  return init
 
 
 class Router(nn.Module):
@@ -309,13 +449,16 @@ class Router(nn.Module):
 
   'learned' (the paper): scores `s_i = x_i · u` in float32 with a learned vector u (param
   `router_weights` [embed], no bias), soft top-k over the length axis with padding
-  masked, then the hard top-k by λ. The routed weights are λ at the chosen positions, so
-  the gradient reaches u only through λ (no straight-through).
+  masked, then the hard top-k. The hard top-k ranks by the scores, not by λ: λ is
+  monotone in them but saturates at exactly 1 for several tokens when the soft top-k's
+  target exceeds the routed count (9/8·k), and ranking those ties by position would drop
+  higher-scored tokens. The routed weights are λ at the chosen positions, so the gradient
+  reaches u only through λ (no straight-through).
 
   Training with 9/8·k routed tokens (CoLT5 §3.3): the caller picks `num_selected` (e.g.
   `routing_capacity(n, fraction * 9 / 8)` while training, `routing_capacity(n, fraction)`
   at inference); `soft_top_k_target` is the independent knob for the λ normalisation
-  (the conditional layers pass 9/8·k by default, SPEC §1.1).
+  (the conditional layers pass 9/8·k by default).
 
   'static' (paper Table 6 ablation): evenly spaced positions over each row's REAL
   (unpadded) tokens, the j-th selection being the real token of rank
@@ -336,23 +479,27 @@ class Router(nn.Module):
     num_selected: routed tokens per row (static int ≥ 1, ≤ length); see
       `routing_capacity`.
     soft_top_k_target: the sum k of the soft top-k; None = num_selected.
-    epsilon: soft top-k entropy weight (paper: 1.0).
-    num_iters: soft top-k iterations (paper: 50).
-    eps_init: optional CoDA ε-scaling start (CoDA: 4.0, with ~20 iterations).
-    eps_decay: CoDA ε-scaling decay per iteration (0.7).
     routing: 'learned' | 'static' | 'random'.
-    kernel_init: initialiser of `router_weights` (default std 1/sqrt(embed)).
+    epsilon: soft top-k entropy weight (paper: 1.0).
+    solver: 'exact' (the soft top-k's fixed point, whatever the score spread) or
+      'iterative' (the paper's iteration, `num_iters` steps); see `soft_top_k`.
+    num_iters: 'iterative' soft top-k iterations (paper: 50).
+    eps_init: 'iterative' only: CoDA ε-scaling start (CoDA: 4.0, with ~20 iterations).
+    eps_decay: CoDA ε-scaling decay per iteration (0.7).
+    init_scale: `router_weights` start with std `init_scale / sqrt(embed)`, so initial
+      scores have std ≈ init_scale **(ours: 1.0)**.
     param_dtype: dtype of `router_weights` (float32).
   """
 
   num_selected: int
   soft_top_k_target: float | None = None
+  routing: str = "learned"
   epsilon: float = 1.0
+  solver: str = "exact"
   num_iters: int = 50
   eps_init: float | None = None
   eps_decay: float = 0.7
-  routing: str = "learned"
-  kernel_init: Initializer = default_router_init
+  init_scale: float = 1.0
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -413,7 +560,7 @@ class Router(nn.Module):
   def _learned(self, x, mask, embed) -> Routing:
     router_weights = self.param(
         "router_weights",
-        nn.with_logical_partitioning(self.kernel_init, ("embed",)),
+        nn.with_logical_partitioning(router_init(self.init_scale), ("embed",)),
         (embed,),
         self.param_dtype,
     )
@@ -432,17 +579,25 @@ class Router(nn.Module):
         epsilon=self.epsilon,
         num_iters=self.num_iters,
         mask=mask,
+        solver=self.solver,
         eps_init=self.eps_init,
         eps_decay=self.eps_decay,
     )
     soft_weights = nn.with_logical_constraint(soft_weights, ("batch", "length"))
-    # Padding ranks below every real token, even one whose λ underflowed to 0; ties go
-    # to the lower position (lax.top_k's order). Indices carry no gradient: u learns
+    # Rank by score (λ is monotone in it, but ties at λ = 1); padding ranks below every
+    # real token, even one whose λ underflowed to 0. Indices carry no gradient: u learns
     # only through the λ gathered below.
-    _, indices = jax.lax.top_k(jnp.where(mask, soft_weights, -1.0), self.num_selected)
+    ranking = jax.lax.stop_gradient(jnp.where(mask, scores, -jnp.inf))
+    _, indices = jax.lax.top_k(ranking, self.num_selected)
     indices = jnp.sort(indices, axis=-1).astype(jnp.int32)
     weights = jnp.take_along_axis(soft_weights, indices, axis=-1)
-    return Routing(indices=indices, weights=weights, soft_weights=soft_weights)
+    return Routing(
+        indices=indices,
+        weights=weights,
+        soft_weights=soft_weights,
+        ranking=ranking,
+        sum_error=_sum_error(soft_weights, mask, target),
+    )
 
 
 def _static_indices(mask: jax.Array, num_selected: int) -> jax.Array:
@@ -463,4 +618,10 @@ def _hard_routing(indices: jax.Array, mask: jax.Array) -> Routing:
   indices = jnp.sort(indices, axis=-1).astype(jnp.int32)
   weights = jnp.take_along_axis(mask, indices, axis=-1).astype(jnp.float32)
   soft_weights = scatter_add_tokens(weights, indices, mask.shape[-1])
-  return Routing(indices=indices, weights=weights, soft_weights=soft_weights)
+  return Routing(
+      indices=indices,
+      weights=weights,
+      soft_weights=soft_weights,
+      ranking=jnp.where(mask, soft_weights, -jnp.inf),
+      sum_error=_sum_error(soft_weights, mask, indices.shape[-1]),
+  )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers import conditional
+from colt5_flax.layers.routing import Router, RoutingCapacity
 from tests import reference
 
 EMBED = 8
@@ -32,14 +33,26 @@ def inputs():
 # -- Conditional feedforward --------------------------------------------------------------
 
 
-def _ff(**kwargs):
-  return conditional.ConditionalFeedForward(light_mlp_dim=6, heavy_mlp_dim=12, **kwargs)
+def _ff(fraction=1 / 4, routing="learned", **kwargs):
+  return conditional.ConditionalFeedForward(
+      light_mlp_dim=6, heavy_mlp_dim=12,
+      capacity=kwargs.pop("capacity", RoutingCapacity(fraction=fraction)),
+      router_factory=functools.partial(Router, routing=routing),
+      **kwargs,
+  )
+
+
+def _routing_choice(scores, mask, num_routed):
+  """[length] bool: the num_routed highest-scored real tokens (padding last)."""
+  chosen = np.zeros(scores.shape, bool)
+  chosen[reference.hard_top_k(scores[None], mask[None], num_routed)[0]] = True
+  return chosen
 
 
 @pytest.fixture(scope="module")
 def learned_ff(inputs):
   x, mask = inputs
-  module = _ff(routed_fraction=1 / 4)
+  module = _ff()
   variables = module.init(jax.random.PRNGKey(1), x, mask=mask)
   apply = jax.jit(functools.partial(module.apply, mutable=["intermediates"]))
   out, state = apply(variables, x, mask=mask)
@@ -49,7 +62,7 @@ def learned_ff(inputs):
 def test_ff_all_routed_with_unit_weights_is_light_plus_heavy(inputs):
   x, mask = inputs
   # Static routing of every token: k = n and λ = 1 on real tokens.
-  module = _ff(routed_fraction=1.0, routing="static")
+  module = _ff(fraction=1.0, routing="static")
   variables = module.init(jax.random.PRNGKey(0), x, mask=mask)
   p = _unbox(variables["params"])
   got = np.asarray(module.apply(variables, x, mask=mask))
@@ -68,10 +81,7 @@ def test_ff_learned_routing_matches_numpy(inputs, learned_ff):
   for b in range(x.shape[0]):
     scores = x[b].astype(np.float64) @ p["router"]["router_weights"]
     lam = reference.soft_top_k(scores, num_routed * 9 / 8, mask=mask[b])
-    # Padding ranks below every real token; ties break toward lower positions.
-    order = np.lexsort((np.arange(LENGTH), -np.where(mask[b], lam, -1.0)))
-    chosen = np.zeros(LENGTH, bool)
-    chosen[order[:num_routed]] = True
+    chosen = _routing_choice(scores, mask[b], num_routed)
     expected = light[b] + np.where(chosen[:, None], lam[:, None] * heavy[b], 0.0)
     np.testing.assert_allclose(got[b], expected, rtol=1e-4, atol=1e-5)
     # Tokens that are not routed get exactly the light output.
@@ -94,7 +104,7 @@ def test_ff_padding_never_routed(inputs, learned_ff):
 
 
 def test_ff_all_padding_row_is_finite():
-  module = _ff(routed_fraction=1 / 4)
+  module = _ff()
   x = np.ones((1, LENGTH, EMBED), np.float32)
   mask = np.zeros((1, LENGTH), bool)
   variables = module.init(jax.random.PRNGKey(0), x, mask=mask)
@@ -109,7 +119,7 @@ def test_ff_all_padding_row_is_finite():
 
 def test_ff_train_capacity_factor_routes_more_tokens_in_training(inputs):
   x, mask = inputs
-  module = _ff(routed_fraction=1 / 4, train_capacity_factor=2.0)
+  module = _ff(capacity=RoutingCapacity(fraction=1 / 4, train_capacity_factor=2.0))
   variables = module.init(jax.random.PRNGKey(0), x, mask=mask)
   _, train_state = module.apply(
       variables, x, mask=mask, enable_dropout=True, mutable=["intermediates"],
@@ -144,8 +154,8 @@ def _attention(**kwargs):
       num_heavy_heads=2,
       head_dim=HEAD_DIM,
       local_radius=RADIUS,
-      routed_query_fraction=1 / 4,
-      routed_kv_fraction=1 / 2,
+      capacity=kwargs.pop("capacity", RoutingCapacity(fraction=1 / 4)),
+      router_factory=functools.partial(Router, routing=kwargs.pop("routing", "learned")),
       **kwargs,
   )
 
@@ -215,8 +225,8 @@ def test_attention_matches_numpy(inputs, tables, learned_attention):
     for b in range(x.shape[0]):
       scores = x[b].astype(np.float64) @ p[router]["router_weights"]
       lam = reference.soft_top_k(scores, k * 9 / 8, mask=mask[b])
-      order = np.lexsort((np.arange(LENGTH), -np.where(mask[b], lam, -1.0)))
-      np.testing.assert_array_equal(np.sort(order[:k]), indices[b])  # The routers' choice.
+      chosen = _routing_choice(scores, mask[b], k)
+      np.testing.assert_array_equal(np.flatnonzero(chosen), indices[b])  # The routers' choice.
       out.append(lam[indices[b]])
     return np.array(out)
 
@@ -229,8 +239,7 @@ def test_attention_matches_numpy(inputs, tables, learned_attention):
 
 def test_attention_all_routed_static_equals_light_plus_full_attention(inputs, tables):
   x, mask = inputs
-  module = _attention(routing="static")
-  module = module.clone(routed_query_fraction=1.0, routed_kv_fraction=1.0)
+  module = _attention(routing="static", capacity=RoutingCapacity(fraction=1.0))
   variables = module.init(jax.random.PRNGKey(3), x, **tables, mask=mask)
   p = _unbox(variables["params"])
   got = np.asarray(module.apply(variables, x, **tables, mask=mask))
@@ -292,7 +301,7 @@ def test_attention_shared_router_and_no_heavy_branch(inputs, tables):
 def test_gradients_reach_every_router(inputs, tables):
   x, mask = inputs
   attn = _attention()
-  ff = _ff(routed_fraction=1 / 4)
+  ff = _ff()
   attn_vars = attn.init(jax.random.PRNGKey(7), x, **tables, mask=mask)
   ff_vars = ff.init(jax.random.PRNGKey(8), x, mask=mask)
   target = np.random.default_rng(9).normal(size=x.shape)
@@ -311,7 +320,7 @@ def test_gradients_reach_every_router(inputs, tables):
 def test_bfloat16_is_finite_and_routes_in_float32(inputs, tables):
   x, mask = inputs
   attn = _attention(dtype=jnp.bfloat16)
-  ff = _ff(routed_fraction=1 / 4, dtype=jnp.bfloat16)
+  ff = _ff(dtype=jnp.bfloat16)
   xb = jnp.asarray(x, jnp.bfloat16)
   for module, kwargs in ((attn, tables), (ff, {})):
     variables = module.init(jax.random.PRNGKey(0), xb, mask=mask, **kwargs)
@@ -320,3 +329,92 @@ def test_bfloat16_is_finite_and_routes_in_float32(inputs, tables):
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
     stats = [v for k, v in state["intermediates"].items() if k.startswith("routing_")]
     assert stats and all(s[0].dtype == jnp.float32 for s in stats)
+
+
+def test_attention_without_heavy_position_bias(inputs, tables):
+  x, mask = inputs
+  module = _attention(heavy_position_bias=False)
+  assert module.relative_bias_spec() == {"light_rel_embedding": 1}
+  light_table = {"light_rel_embedding": tables["light_rel_embedding"]}
+  variables = module.init(jax.random.PRNGKey(2), x, **light_table, mask=mask)
+  got, state = module.apply(variables, x, **light_table, mask=mask, mutable=["intermediates"])
+  p = _unbox(variables["params"])
+  q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
+  kv_idx = np.asarray(state["intermediates"]["kv_routed_indices"][0])
+
+  def weights(router, indices, k):
+    return np.stack([
+        reference.soft_top_k(
+            x[b].astype(np.float64) @ p[router]["router_weights"], k * 9 / 8, mask=mask[b]
+        )[indices[b]]
+        for b in range(x.shape[0])
+    ])
+
+  # No position bias in the heavy branch = a heavy table of zeros.
+  zero_heavy = dict(tables, heavy_rel_embedding=np.zeros_like(tables["heavy_rel_embedding"]))
+  expected = _expected_attention(
+      x, mask, p, zero_heavy, q_idx, weights("query_router", q_idx, LENGTH // 4),
+      kv_idx, weights("kv_router", kv_idx, LENGTH // 2),
+  )
+  real = mask[..., None]
+  np.testing.assert_allclose(np.asarray(got) * real, expected * real, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="heavy_position_bias=True needs heavy_rel_embedding"):
+    _attention().init(jax.random.PRNGKey(2), x, **light_table, mask=mask)
+
+
+def test_shared_router_takes_the_highest_scored_queries_despite_saturated_ties():
+  # A wide score spread saturates more than the query count at λ = 1: the queries must be
+  # the highest-scored of the shared selection, not its lowest positions.
+  rng = np.random.default_rng(13)
+  length = 64
+  x = rng.normal(size=(2, length, EMBED)).astype(np.float32)
+  module = _attention(share_router=True, capacity=RoutingCapacity(fraction=1 / 8))
+  tables = {
+      "light_rel_embedding": np.zeros((1, 32), np.float32),
+      "heavy_rel_embedding": np.zeros((2, 32), np.float32),
+  }
+  variables = module.init(jax.random.PRNGKey(0), x, **tables)
+  u = (60.0 * rng.normal(size=(EMBED,))).astype(np.float32)
+  params = nn.meta.unbox(variables["params"])
+  params["router"]["router_weights"] = jnp.asarray(u)
+  _, state = module.apply({"params": params}, x, **tables, mutable=["intermediates"])
+  q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
+  kv_idx = np.asarray(state["intermediates"]["kv_routed_indices"][0])
+  scores = x.astype(np.float64) @ u
+  everything = np.ones(scores.shape, bool)
+  lam = reference.soft_top_k(scores, 16 * 9 / 8)
+  assert np.all((lam == 1.0).sum(-1) > 8), "the case must saturate more than the 8 queries"
+  np.testing.assert_array_equal(kv_idx, reference.hard_top_k(scores, everything, 16))
+  np.testing.assert_array_equal(q_idx, reference.hard_top_k(scores, everything, 8))
+
+
+def test_sum_error_statistic_reports_an_unconverged_soft_top_k(inputs):
+  x, mask = inputs
+  # The paper's iteration cut to 2 steps on a wide spread misses Σλ = k; the statistic
+  # must report |Σλ − k'| / k' (k' = the target capped at the real tokens), averaged.
+  module = conditional.ConditionalFeedForward(
+      light_mlp_dim=6, heavy_mlp_dim=12, capacity=RoutingCapacity(fraction=1 / 4),
+      router_factory=functools.partial(Router, solver="iterative", num_iters=2),
+  )
+  variables = module.init(jax.random.PRNGKey(1), x, mask=mask)
+  params = nn.meta.unbox(variables["params"])
+  u = 5.0 * np.ones(EMBED, np.float32)
+  params["router"]["router_weights"] = jnp.asarray(u)
+  _, state = module.apply({"params": params}, x, mask=mask, mutable=["intermediates"])
+  (got,) = state["intermediates"]["routing_mlp_sum_error"]
+  target = LENGTH // 4 * 9 / 8
+  errors = []
+  for b in range(x.shape[0]):
+    lam = reference.soft_top_k_iteration(
+        x[b].astype(np.float64) @ u, target, num_iters=2, mask=mask[b]
+    )
+    reachable = min(target, mask[b].sum())
+    # Rows whose real tokens number at most k saturate exactly (Σλ = their count).
+    total = mask[b].sum() if mask[b].sum() <= target else lam.sum()
+    errors.append(abs(total - reachable) / reachable)
+  assert np.mean(errors) > 0.05, "the case must be unconverged"
+  np.testing.assert_allclose(float(got), np.mean(errors), rtol=1e-4)
+  # The default (exact) solver meets the constraint.
+  exact = _ff()
+  _, state = exact.apply({"params": params}, x, mask=mask, mutable=["intermediates"])
+  assert float(state["intermediates"]["routing_mlp_sum_error"][0]) < 1e-5

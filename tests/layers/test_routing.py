@@ -1,9 +1,10 @@
 """Tests of colt5_flax.layers.routing against plain numpy references.
 
-References: the soft top-k iteration written as a float64 numpy loop that drops masked
-entries (rather than masking them), the converged soft top-k solved independently by
-bisection on its KKT conditions, numpy argsort for the hard top-k, numpy loops for
-gather/scatter and for static routing, and float64 finite differences for gradients.
+References (tests/reference.py): the soft top-k iteration of CoLT5 §3.3 written as a
+float64 numpy loop that drops masked entries (rather than masking them); the soft
+top-k's solution found independently by bisection on its optimality conditions; numpy
+argsort for the hard top-k; numpy loops for gather/scatter and for static routing; and
+float64 finite differences for gradients.
 """
 
 import functools
@@ -17,64 +18,30 @@ import pytest
 
 from colt5_flax.layers.routing import (
     Router,
+    RoutingCapacity,
     gather_tokens,
     routing_capacity,
     scatter_add_tokens,
     soft_top_k,
 )
+from tests import reference
 
-# ----------------------------------------------------------------------------------------
-# References.
+# float32's machine epsilon (2^-23, twice the unit roundoff: a conservative ulp).
+F32_EPS = float(np.finfo(np.float32).eps)
 
 
-def reference_soft_top_k(scores, k, *, epsilon, num_iters, mask=None, eps_init=None,
-                         eps_decay=0.7):
-  """ALIGNER / CoDA iteration (SPEC §1.1), float64, one row at a time, masked entries
-  removed from the row instead of set to −inf."""
+def lambda_tolerance(scores, epsilon, num_iters=1):
+  """Bound on |λ_float32 − λ_float64| for λ = min(1, exp((s + a)/ε)).
+
+  λ ≤ 1, so |Δλ| ≤ |Δ(s + a)| / ε. The scores are exact float32 inputs to both sides;
+  `a` comes from a logsumexp over n terms reduced in a tree of depth ≤ log2(n) (plus a few
+  operations around it), each rounding a value of magnitude ≤ max|s| + ε, so
+  |Δa| ≤ (log2(n) + 4)·ulp·(max|s| + ε). The paper's iteration repeats that once per
+  iteration (a non-expanding map), hence the factor num_iters for the iterative solver.
+  """
   scores = np.asarray(scores, np.float64)
-  mask = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
-  weights = np.zeros_like(scores)
-  for row in np.ndindex(scores.shape[:-1]):
-    valid = mask[row]
-    row_scores = scores[row][valid]
-    if row_scores.size == 0:
-      continue
-    a, b = 0.0, np.zeros_like(row_scores)
-    for t in range(num_iters):
-      eps = epsilon if eps_init is None else max(eps_init * eps_decay**t, epsilon)
-      logits = (row_scores + b) / eps
-      top = logits.max()
-      a = eps * np.log(k) - eps * (top + np.log(np.sum(np.exp(logits - top))))
-      b = np.minimum(-row_scores - a, 0.0)
-    row_weights = np.zeros(scores.shape[-1])
-    row_weights[valid] = np.exp((row_scores + b + a) / eps)
-    weights[row] = row_weights
-  return weights
-
-
-def kkt_soft_top_k(row_scores, k, epsilon):
-  """Converged solution by its optimality conditions: λ_i = min(1, exp((s_i + a)/ε)) with
-  a found by bisection so that Σ λ = k (requires k < len(row_scores))."""
-  row_scores = np.asarray(row_scores, np.float64)
-
-  def total(a):
-    return np.minimum(1.0, np.exp((row_scores + a) / epsilon)).sum()
-
-  low, high = -row_scores.max() - 50 * epsilon, -row_scores.min() + 50 * epsilon
-  for _ in range(200):
-    middle = 0.5 * (low + high)
-    low, high = (middle, high) if total(middle) < k else (low, middle)
-  return np.minimum(1.0, np.exp((row_scores + 0.5 * (low + high)) / epsilon))
-
-
-def reference_hard_top_k(soft_weights, mask, num_selected):
-  """Indices of the num_selected largest λ (padding last, ties to the lower position),
-  sorted ascending. λ is rounded to 1e-9 so float64 ulps do not split exact ties."""
-  indices = []
-  for row_weights, row_mask in zip(soft_weights, mask, strict=True):
-    keys = np.where(row_mask, np.round(row_weights, 9), -1.0)
-    indices.append(np.sort(np.argsort(-keys, kind="stable")[:num_selected]))
-  return np.stack(indices)
+  depth = np.log2(scores.shape[-1]) + 4
+  return num_iters * depth * F32_EPS * (np.max(np.abs(scores)) + epsilon) / epsilon
 
 
 # ----------------------------------------------------------------------------------------
@@ -84,7 +51,8 @@ def reference_hard_top_k(soft_weights, mask, num_selected):
 @pytest.fixture(scope="module")
 def jitted_soft_top_k():
   return jax.jit(
-      soft_top_k, static_argnames=("k", "epsilon", "num_iters", "eps_init", "eps_decay")
+      soft_top_k,
+      static_argnames=("k", "epsilon", "num_iters", "solver", "eps_init", "eps_decay"),
   )
 
 
@@ -101,7 +69,7 @@ SOFT_TOP_K_CASES = [
 
 
 @pytest.mark.parametrize("shape,k,epsilon,num_iters,eps_init,masked", SOFT_TOP_K_CASES)
-def test_soft_top_k_matches_numpy_iteration(
+def test_iterative_solver_matches_the_papers_iteration(
     jitted_soft_top_k, shape, k, epsilon, num_iters, eps_init, masked
 ):
   rng = np.random.default_rng(len(shape) * 100 + num_iters)
@@ -110,55 +78,89 @@ def test_soft_top_k_matches_numpy_iteration(
   if masked:
     mask.reshape(-1, shape[-1])[0] = False  # one all-padding row
   weights = jitted_soft_top_k(
+      scores, k, epsilon=epsilon, num_iters=num_iters, mask=mask, solver="iterative",
+      eps_init=eps_init,
+  )
+  expected = reference.soft_top_k_iteration(
       scores, k, epsilon=epsilon, num_iters=num_iters, mask=mask, eps_init=eps_init
   )
-  expected = reference_soft_top_k(
-      scores, k, epsilon=epsilon, num_iters=num_iters, mask=mask, eps_init=eps_init
-  )
+  if masked:  # rows with k ≥ their real tokens saturate exactly (the iteration's limit)
+    saturated = mask.sum(-1, keepdims=True) <= k
+    expected = np.where(saturated, mask.astype(np.float64), expected)
   assert weights.dtype == jnp.float32 and weights.shape == shape
-  np.testing.assert_allclose(weights, expected, rtol=1e-4, atol=2e-6)
+  np.testing.assert_allclose(
+      weights, expected, rtol=0, atol=lambda_tolerance(scores, epsilon, num_iters)
+  )
   weights = np.asarray(weights)
   assert np.all(weights >= 0.0) and np.all(weights <= 1.0)
   if masked:
     assert np.all(weights[~mask] == 0.0)
 
 
+@pytest.mark.parametrize("std", [1.0, 10.0, 30.0, 100.0])
+def test_exact_solver_reaches_the_fixed_point_whatever_the_spread(jitted_soft_top_k, std):
+  # The issue's setting: n = 2048, target 9/8 · 128 = 144. The paper's 50 iterations sum
+  # to 134 at std 30 and 32 at std 100; the exact solver must give Σλ = k and the
+  # bisection solution at every spread, with padding.
+  rng = np.random.default_rng(int(std))
+  scores = (std * rng.normal(size=(3, 2048))).astype(np.float32)
+  mask = np.ones(scores.shape, bool)
+  mask[1, 1500:] = False
+  mask[2, ::3] = False
+  weights = np.asarray(jitted_soft_top_k(scores, 144.0, mask=mask))
+  tolerance = lambda_tolerance(scores, 1.0)
+  np.testing.assert_allclose(weights.sum(-1), 144.0, rtol=tolerance)
+  np.testing.assert_allclose(
+      weights, reference.soft_top_k(scores, 144.0, mask=mask), rtol=0, atol=tolerance
+  )
+  assert np.all(weights[~mask] == 0.0)
+  iterated = np.asarray(jitted_soft_top_k(scores, 144.0, mask=mask, solver="iterative"))
+  if std >= 30:  # the case the exact solver exists for: the paper's 50 steps fall short
+    assert np.all(iterated.sum(-1) < 140.0)
+
+
 @pytest.mark.parametrize("k,epsilon", [(3, 1.0), (4.5, 0.5), (20 / 3, 1.0)])
-def test_soft_top_k_converges_to_kkt_solution(jitted_soft_top_k, k, epsilon):
+def test_exact_solver_equals_the_converged_iteration(jitted_soft_top_k, k, epsilon):
   rng = np.random.default_rng(7)
   scores = (2.0 * rng.normal(size=(3, 24))).astype(np.float32)
-  weights = np.asarray(jitted_soft_top_k(scores, k, epsilon=epsilon, num_iters=200))
-  np.testing.assert_allclose(weights.sum(-1), k, rtol=1e-5)
-  for row_scores, row_weights in zip(scores, weights, strict=True):
-    np.testing.assert_allclose(row_weights, kkt_soft_top_k(row_scores, k, epsilon), atol=1e-5)
+  converged = reference.soft_top_k_iteration(scores, k, epsilon=epsilon, num_iters=5000)
+  # The float64 iteration has converged: its sums are k and it agrees with bisection.
+  np.testing.assert_allclose(converged.sum(-1), k, rtol=1e-12)
+  np.testing.assert_allclose(
+      converged, reference.soft_top_k(scores, k, epsilon=epsilon), atol=1e-12
+  )
+  weights = np.asarray(jitted_soft_top_k(scores, k, epsilon=epsilon))
+  np.testing.assert_allclose(weights, converged, rtol=0, atol=lambda_tolerance(scores, epsilon))
 
 
-def test_soft_top_k_paper_setting_sums_to_k_and_keeps_order(jitted_soft_top_k):
+def test_soft_top_k_keeps_order(jitted_soft_top_k):
   rng = np.random.default_rng(3)
   scores = rng.normal(size=(2, 256)).astype(np.float32)
   mask = np.ones(scores.shape, bool)
   mask[1, 200:] = False
-  weights = np.asarray(jitted_soft_top_k(scores, 16, mask=mask))  # ε = 1, 50 iterations
-  np.testing.assert_allclose(weights.sum(-1), 16.0, rtol=1e-4)
-  for row_scores, row_weights, row_mask in zip(scores, weights, mask, strict=True):
-    order = np.argsort(row_scores[row_mask])
-    assert np.all(np.diff(row_weights[row_mask][order]) >= 0.0), "higher score, lower λ"
+  for solver in ("exact", "iterative"):
+    weights = np.asarray(jitted_soft_top_k(scores, 16, mask=mask, solver=solver))
+    for row_scores, row_weights, row_mask in zip(scores, weights, mask, strict=True):
+      order = np.argsort(row_scores[row_mask])
+      assert np.all(np.diff(row_weights[row_mask][order]) >= 0.0), "higher score, lower λ"
 
 
-def test_soft_top_k_saturates_when_k_exceeds_unmasked(jitted_soft_top_k):
+@pytest.mark.parametrize("solver", ["exact", "iterative"])
+def test_soft_top_k_saturates_when_k_reaches_the_unmasked_count(jitted_soft_top_k, solver):
   scores = np.array([[3.0, -2.0, 0.5, 10.0, -7.0, 1.0]], np.float32)
   mask = np.array([[True, True, False, True, False, False]])
-  weights = np.asarray(jitted_soft_top_k(scores, 4, mask=mask))  # 3 unmasked < k = 4
-  np.testing.assert_array_equal(weights, mask.astype(np.float32))
-  # Exactly as many unmasked as k: converges to all ones too.
-  weights = np.asarray(jitted_soft_top_k(scores, 3, mask=mask, num_iters=200))
-  np.testing.assert_allclose(weights, mask.astype(np.float32), atol=1e-4)
+  for k in (4, 3):  # more than, and exactly as many as, the 3 unmasked positions
+    weights = np.asarray(jitted_soft_top_k(scores, k, mask=mask, solver=solver))
+    np.testing.assert_array_equal(weights, mask.astype(np.float32))
   # k larger than the whole static length.
-  weights = np.asarray(jitted_soft_top_k(scores, 9.5))
+  weights = np.asarray(jitted_soft_top_k(scores, 9.5, solver=solver))
   np.testing.assert_array_equal(weights, np.ones_like(scores))
 
 
-def test_soft_top_k_all_masked_and_extreme_scores_have_no_nan():
+@pytest.mark.parametrize("solver,kwargs", [
+    ("exact", {}), ("iterative", {}), ("iterative", dict(num_iters=10, eps_init=4.0)),
+])
+def test_soft_top_k_all_masked_and_extreme_scores_have_no_nan(solver, kwargs):
   scores = np.array(
       [[1.0, 2.0, 3.0, 4.0], [-1e4, 5.0, 1e4, -3.0], [0.5, -0.5, 2.0, 1.0]], np.float32
   )
@@ -166,22 +168,51 @@ def test_soft_top_k_all_masked_and_extreme_scores_have_no_nan():
   cotangent = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.0
 
   def loss(s):
-    return jnp.sum(soft_top_k(s, 1.5, mask=mask, num_iters=50) * cotangent)
+    return jnp.sum(soft_top_k(s, 1.5, mask=mask, solver=solver, **kwargs) * cotangent)
 
-  weights = soft_top_k(scores, 1.5, mask=mask)
+  weights = soft_top_k(scores, 1.5, mask=mask, solver=solver, **kwargs)
   gradient = jax.grad(loss)(jnp.asarray(scores))
   assert np.all(np.isfinite(weights)) and np.all(np.isfinite(gradient))
   np.testing.assert_array_equal(weights[0], 0.0)
   np.testing.assert_array_equal(np.asarray(weights)[~mask], 0.0)
   np.testing.assert_array_equal(np.asarray(gradient)[~mask], 0.0)
-  # ε-scaling path too.
+
+
+@pytest.mark.parametrize("std", [1.0, 10.0])
+def test_exact_solver_gradient_matches_finite_differences(std):
+  # At a converged point the gradient is the implicit one of the fixed point: compare
+  # with central differences of the float64 bisection solution.
+  rng = np.random.default_rng(11)
+  scores = (std * rng.normal(size=(2, 12))).astype(np.float32)
+  mask = np.ones(scores.shape, bool)
+  mask[1, [2, 5]] = False
+  cotangent = rng.normal(size=scores.shape)
+  k, epsilon = 3.5, 0.7
+
   gradient = jax.grad(
-      lambda s: jnp.sum(soft_top_k(s, 1.5, mask=mask, num_iters=10, eps_init=4.0) * cotangent)
+      lambda s: jnp.sum(soft_top_k(s, k, epsilon=epsilon, mask=mask) * cotangent)
   )(jnp.asarray(scores))
-  assert np.all(np.isfinite(gradient))
+
+  def reference_loss(s):
+    return np.sum(reference.soft_top_k(s, k, epsilon=epsilon, mask=mask) * cotangent)
+
+  step = 1e-6 * std
+  expected = np.zeros(scores.shape)
+  for index in np.ndindex(scores.shape):
+    delta = np.zeros(scores.shape)
+    delta[index] = step
+    expected[index] = (reference_loss(scores + delta) - reference_loss(scores - delta)) / (
+        2 * step
+    )
+  assert np.any(np.abs(expected) > 1e-2)
+  # Each ∂λ_i/∂s_j carries λ's error bound times 1/ε; the loss sums them with the
+  # cotangent's weights. Finite-difference error (float64, step 1e-6) is far below.
+  tolerance = lambda_tolerance(scores, epsilon) * np.abs(cotangent).sum() / epsilon
+  np.testing.assert_allclose(gradient, expected, rtol=0, atol=tolerance)
+  np.testing.assert_array_equal(np.asarray(gradient)[~mask], 0.0)
 
 
-def test_soft_top_k_gradient_matches_finite_differences():
+def test_iterative_solver_gradient_matches_finite_differences():
   rng = np.random.default_rng(11)
   scores = rng.normal(size=(2, 9)).astype(np.float32)
   mask = np.ones(scores.shape, bool)
@@ -189,12 +220,12 @@ def test_soft_top_k_gradient_matches_finite_differences():
   cotangent = rng.normal(size=scores.shape)
   kwargs = dict(epsilon=0.7, num_iters=30, mask=mask)
 
-  gradient = jax.grad(lambda s: jnp.sum(soft_top_k(s, 2.5, **kwargs) * cotangent))(
-      jnp.asarray(scores)
-  )
+  gradient = jax.grad(
+      lambda s: jnp.sum(soft_top_k(s, 2.5, solver="iterative", **kwargs) * cotangent)
+  )(jnp.asarray(scores))
 
   def reference_loss(s):
-    return np.sum(reference_soft_top_k(s, 2.5, **kwargs) * cotangent)
+    return np.sum(reference.soft_top_k_iteration(s, 2.5, **kwargs) * cotangent)
 
   step = 1e-6
   expected = np.zeros(scores.shape)
@@ -204,16 +235,30 @@ def test_soft_top_k_gradient_matches_finite_differences():
     expected[index] = (reference_loss(scores + delta) - reference_loss(scores - delta)) / (
         2 * step
     )
-  np.testing.assert_allclose(gradient, expected, rtol=1e-3, atol=1e-5)
   assert np.any(np.abs(expected) > 1e-2)
+  tolerance = lambda_tolerance(scores, 0.7, 30) * np.abs(cotangent).sum() / 0.7
+  np.testing.assert_allclose(gradient, expected, rtol=0, atol=tolerance)
 
 
-def test_soft_top_k_bfloat16_scores_give_float32():
-  scores = jnp.asarray([[0.5, 2.0, -1.0, 3.0]], jnp.bfloat16)
-  weights = soft_top_k(scores, 2)
+@pytest.mark.parametrize("solver", ["exact", "iterative"])
+def test_soft_top_k_bfloat16_scores_give_float32(solver):
+  rng = np.random.default_rng(4)
+  scores = jnp.asarray(3.0 * rng.normal(size=(2, 64)), jnp.bfloat16)
+  mask = np.ones(scores.shape, bool)
+  mask[1, 40:] = False
+  weights = soft_top_k(scores, 9.0, mask=mask, solver=solver)
   assert weights.dtype == jnp.float32
-  expected = reference_soft_top_k(np.asarray(scores, np.float32), 2, epsilon=1.0, num_iters=50)
-  np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-6)
+  # The reference sees the same bfloat16 values, exactly widened: only float32 rounding
+  # inside the solver separates the two.
+  widened = np.asarray(scores, np.float32)
+  if solver == "exact":
+    expected, num_iters = reference.soft_top_k(widened, 9.0, mask=mask), 1
+  else:
+    expected = reference.soft_top_k_iteration(widened, 9.0, num_iters=50, mask=mask)
+    num_iters = 50
+  np.testing.assert_allclose(
+      weights, expected, rtol=0, atol=lambda_tolerance(widened, 1.0, num_iters)
+  )
 
 
 @pytest.mark.parametrize(
@@ -224,8 +269,10 @@ def test_soft_top_k_bfloat16_scores_give_float32():
         (dict(k=float("nan")), "k=nan"),
         (dict(k=2, epsilon=0.0), "epsilon=0.0"),
         (dict(k=2, num_iters=0), "num_iters=0"),
-        (dict(k=2, eps_init=0.5), "eps_init=0.5"),
-        (dict(k=2, eps_init=4.0, eps_decay=1.0), "eps_decay=1.0"),
+        (dict(k=2, solver="sinkhorn"), "solver='sinkhorn'"),
+        (dict(k=2, eps_init=4.0), "eps_init=4.0.*iterative"),
+        (dict(k=2, solver="iterative", eps_init=0.5), "eps_init=0.5"),
+        (dict(k=2, solver="iterative", eps_init=4.0, eps_decay=1.0), "eps_decay=1.0"),
         (dict(k=2, mask=np.ones((3,), bool)), "mask shape"),
     ],
 )
@@ -252,6 +299,10 @@ def _router_inputs():
   return x, router_weights, mask
 
 
+def _scores(x, router_weights):
+  return np.einsum("ble,e->bl", np.asarray(x, np.float64), np.asarray(router_weights, np.float64))
+
+
 @pytest.fixture(scope="module")
 def learned_router():
   """(module, variables with a known u, jitted apply)."""
@@ -262,17 +313,19 @@ def learned_router():
   return module, variables, apply
 
 
-def test_router_parameter_has_logical_axes(learned_router):
-  module, _, _ = learned_router
-  x, _, _ = _router_inputs()
-  boxed = module.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]["router_weights"]
+@pytest.mark.parametrize("init_scale", [1.0, 3.0])
+def test_router_parameter_has_logical_axes_and_its_initial_scale(init_scale):
+  module = Router(NUM_SELECTED, init_scale=init_scale)
+  boxed = module.init(jax.random.PRNGKey(0), jnp.zeros((1, LENGTH, 1024)))
+  boxed = boxed["params"]["router_weights"]
   assert isinstance(boxed, nn.LogicallyPartitioned)
-  assert boxed.names == ("embed",) and boxed.value.shape == (EMBED,)
+  assert boxed.names == ("embed",) and boxed.value.shape == (1024,)
   assert boxed.value.dtype == jnp.float32
-  fresh = module.init(jax.random.PRNGKey(1), jnp.zeros((1, LENGTH, 256)))
-  # Documented init: std 1/sqrt(embed) (256 draws: the sample std is within ~20%).
-  std = float(np.std(np.asarray(fresh["params"]["router_weights"].value)))
-  assert 0.8 / 16 < std < 1.2 / 16
+  # Documented init: normal, std init_scale/sqrt(embed). 1024 draws: the sample std's
+  # relative error has std 1/sqrt(2·1024) ≈ 2.2%; 5 of those is the bound.
+  values = np.asarray(boxed.value)
+  np.testing.assert_allclose(np.std(values), init_scale / 32, rtol=5 / np.sqrt(2048))
+  assert abs(np.mean(values)) < 5 * init_scale / 32 / 32  # mean's std: σ/sqrt(1024)
 
 
 def test_router_selects_top_k_of_reference_soft_top_k(learned_router):
@@ -280,18 +333,22 @@ def test_router_selects_top_k_of_reference_soft_top_k(learned_router):
   x, router_weights, mask = _router_inputs()
   out = apply(variables, jnp.asarray(x), jnp.asarray(mask))
 
-  scores = np.einsum("ble,e->bl", x.astype(np.float64), router_weights.astype(np.float64))
-  expected_soft = reference_soft_top_k(scores, TARGET, epsilon=1.0, num_iters=50, mask=mask)
-  expected_indices = reference_hard_top_k(expected_soft, mask, NUM_SELECTED)
+  scores = _scores(x, router_weights)
+  expected_soft = reference.soft_top_k(scores, TARGET, mask=mask)
+  expected_indices = reference.hard_top_k(scores, mask, NUM_SELECTED)
+  tolerance = lambda_tolerance(scores, 1.0)
 
   assert out.indices.dtype == jnp.int32 and out.indices.shape == (BATCH, NUM_SELECTED)
   assert out.weights.dtype == jnp.float32 and out.soft_weights.shape == (BATCH, LENGTH)
-  np.testing.assert_allclose(out.soft_weights, expected_soft, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out.soft_weights, expected_soft, rtol=0, atol=tolerance)
   np.testing.assert_array_equal(out.indices, expected_indices)
   np.testing.assert_allclose(
-      out.weights, np.take_along_axis(expected_soft, expected_indices, axis=-1), rtol=1e-4,
-      atol=1e-6,
+      out.weights, np.take_along_axis(expected_soft, expected_indices, axis=-1), rtol=0,
+      atol=tolerance,
   )
+  # |Σλ − min(k, real tokens)| / that: 0 up to rounding, 0 exactly for no real token.
+  assert out.sum_error.shape == (BATCH,)
+  np.testing.assert_array_less(np.asarray(out.sum_error), LENGTH * tolerance)
   indices, weights = np.asarray(out.indices), np.asarray(out.weights)
   for row in range(BATCH):
     selected_real = mask[row, indices[row]]
@@ -301,6 +358,28 @@ def test_router_selects_top_k_of_reference_soft_top_k(learned_router):
     # Selected padding has weight exactly 0 (row 2 has 2 real tokens for 4 selections).
     np.testing.assert_array_equal(weights[row][~selected_real], 0.0)
   assert (~mask[2, indices[2]]).sum() == 2
+
+
+def test_router_ranks_saturated_ties_by_score():
+  # A target above the routed count (9/8·k) saturates more than k tokens at λ = 1 when
+  # the scores spread. Ranking those ties by λ would pick the lowest positions; the
+  # router must pick the highest scores.
+  rng = np.random.default_rng(12)
+  embed, length, num_selected = 4, 128, 16
+  x = rng.normal(size=(2, length, embed)).astype(np.float32)
+  router_weights = (60.0 * rng.normal(size=(embed,))).astype(np.float32)
+  out = Router(num_selected, soft_top_k_target=9 / 8 * num_selected).apply(
+      {"params": {"router_weights": jnp.asarray(router_weights)}}, jnp.asarray(x)
+  )
+  soft = np.asarray(out.soft_weights)
+  assert np.all((soft == 1.0).sum(-1) > num_selected), "the case must saturate > k tokens"
+  mask = np.ones((2, length), bool)
+  scores = _scores(x, router_weights)
+  expected = reference.hard_top_k(scores, mask, num_selected)
+  assert not np.array_equal(reference.hard_top_k(soft, mask, num_selected), expected), (
+      "ranking by λ must differ here, or the case does not test the tie-break"
+  )
+  np.testing.assert_array_equal(out.indices, expected)
 
 
 def test_router_gradient_matches_finite_differences(learned_router):
@@ -318,8 +397,7 @@ def test_router_gradient_matches_finite_differences(learned_router):
   indices = np.asarray(indices)
 
   def reference_loss(u):
-    scores = np.einsum("ble,e->bl", x.astype(np.float64), u)
-    soft = reference_soft_top_k(scores, TARGET, epsilon=1.0, num_iters=50, mask=mask)
+    soft = reference.soft_top_k(_scores(x, u), TARGET, mask=mask)
     return np.sum(np.take_along_axis(soft, indices, axis=-1) * cotangent)
 
   step = 1e-6
@@ -330,7 +408,10 @@ def test_router_gradient_matches_finite_differences(learned_router):
     u = router_weights.astype(np.float64)
     expected[i] = (reference_loss(u + delta) - reference_loss(u - delta)) / (2 * step)
   assert np.linalg.norm(expected) > 1e-2
-  np.testing.assert_allclose(gradient, expected, rtol=2e-3, atol=1e-5)
+  # ∂L/∂u = Σ_b,l (∂L/∂s_bl) x_bl: the scores' bound, summed with |x|'s weights.
+  scores = _scores(x, router_weights)
+  tolerance = lambda_tolerance(scores, 1.0) * np.abs(cotangent).sum() * np.abs(x).max()
+  np.testing.assert_allclose(gradient, expected, rtol=0, atol=tolerance)
 
 
 def test_router_prefers_real_tokens_whose_weight_underflowed_to_zero():
@@ -353,21 +434,33 @@ def test_router_bfloat16_input_gives_float32_weights(learned_router):
   x_bf16 = jnp.asarray(x, jnp.bfloat16)
   out = apply(variables, x_bf16, jnp.asarray(mask))
   assert out.weights.dtype == jnp.float32 and out.soft_weights.dtype == jnp.float32
-  scores = np.einsum("ble,e->bl", np.asarray(x_bf16, np.float64), router_weights)
-  expected_soft = reference_soft_top_k(scores, TARGET, epsilon=1.0, num_iters=50, mask=mask)
-  np.testing.assert_allclose(out.soft_weights, expected_soft, rtol=1e-4, atol=1e-6)
+  scores = _scores(x_bf16, router_weights)
+  expected_soft = reference.soft_top_k(scores, TARGET, mask=mask)
+  # Scores are float32 dot products of EMBED terms (≤ EMBED ulps of Σ|x·u|) before the
+  # solver's own bound.
+  score_error = EMBED * F32_EPS * np.abs(np.asarray(x_bf16, np.float64)).max() * np.abs(
+      router_weights
+  ).sum()
+  np.testing.assert_allclose(
+      out.soft_weights, expected_soft, rtol=0,
+      atol=lambda_tolerance(scores, 1.0) + 2 * score_error,
+  )
 
 
-def test_router_without_mask_and_default_target():
+def test_router_iterative_solver_with_eps_scaling_and_no_mask():
   x, router_weights, _ = _router_inputs()
-  module = Router(3, epsilon=0.5, num_iters=20, eps_init=4.0)
+  module = Router(3, epsilon=0.5, solver="iterative", num_iters=20, eps_init=4.0)
   variables = {"params": {"router_weights": jnp.asarray(router_weights)}}
   out = module.apply(variables, jnp.asarray(x))
-  scores = np.einsum("ble,e->bl", x.astype(np.float64), router_weights.astype(np.float64))
-  expected_soft = reference_soft_top_k(scores, 3, epsilon=0.5, num_iters=20, eps_init=4.0)
-  np.testing.assert_allclose(out.soft_weights, expected_soft, rtol=1e-4, atol=1e-6)
+  scores = _scores(x, router_weights)
+  expected_soft = reference.soft_top_k_iteration(
+      scores, 3, epsilon=0.5, num_iters=20, eps_init=4.0
+  )
+  np.testing.assert_allclose(
+      out.soft_weights, expected_soft, rtol=0, atol=lambda_tolerance(scores, 0.5, 20)
+  )
   np.testing.assert_array_equal(
-      out.indices, reference_hard_top_k(expected_soft, np.ones_like(expected_soft, bool), 3)
+      out.indices, reference.hard_top_k(scores, np.ones(scores.shape, bool), 3)
   )
 
 
@@ -567,3 +660,51 @@ def test_routing_capacity_by_hand(args, kwargs, expected):
 def test_routing_capacity_rejects_bad_arguments(args, match):
   with pytest.raises(ValueError, match=match):
     routing_capacity(*args)
+
+
+@pytest.mark.parametrize(
+    "capacity,length,expected",
+    [
+        # CoLT5 §3.3 by hand: fine-tuning m = n/16 and 2m; pretraining m = n/8 (512 of 4096).
+        (RoutingCapacity(), 16384, (1024, 2048)),
+        (RoutingCapacity(), 8192, (512, 1024)),
+        (RoutingCapacity(fraction=1 / 8), 4096, (512, 1024)),
+        # Beyond 32k the counts stay at their 32k values: 2048 and 4096.
+        (RoutingCapacity(), 32768, (2048, 4096)),
+        (RoutingCapacity(), 65536, (2048, 4096)),
+        (RoutingCapacity(max_length=None), 65536, (4096, 8192)),
+        # Table 6: m = 512 and 1536 at 16k; "v = q".
+        (RoutingCapacity(fraction=1 / 32), 16384, (512, 1024)),
+        (RoutingCapacity(fraction=3 / 32), 16384, (1536, 3072)),
+        (RoutingCapacity(kv_ratio=1.0), 16384, (1024, 1024)),
+        # Everything routed: the key/value fraction caps at 1.
+        (RoutingCapacity(fraction=1.0), 512, (512, 512)),
+        (RoutingCapacity(fraction=0.75), 16, (12, 16)),
+    ],
+)
+def test_routing_capacity_counts_by_hand(capacity, length, expected):
+  assert (capacity.count(length), capacity.count(length, key_values=True)) == expected
+
+
+def test_routing_capacity_training_factor_and_soft_target():
+  capacity = RoutingCapacity(fraction=1 / 4, train_capacity_factor=1.5)
+  # 16 tokens: m = 4, kv 8; the soft top-k targets 9/8 of the base count (4.5, 9).
+  assert capacity.routed(16) == (4, 4.5)
+  assert capacity.routed(16, key_values=True) == (8, 9.0)
+  assert capacity.routed(16, training=True) == (6, 4.5)
+  assert capacity.routed(16, key_values=True, training=True) == (12, 9.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fraction=0.0), "fraction=0.0"),
+        (dict(fraction=1.5), "fraction=1.5"),
+        (dict(kv_ratio=0.0), "kv_ratio=0.0"),
+        (dict(max_length=0), "max_length=0"),
+        (dict(soft_top_k_factor=0.0), "soft_top_k_factor=0.0"),
+    ],
+)
+def test_routing_capacity_rejects_bad_settings(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    RoutingCapacity(**kwargs)
