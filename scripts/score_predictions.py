@@ -5,8 +5,9 @@ r"""Scores one SCROLLS task's predictions against the official references.
 
 Predictions: JSONL `{"id": ..., "prediction": ...}`; references: the official files
 (`<task>.zip` or `<task>/<split>.jsonl`), rows grouped by id. The metrics are the official
-scorer's (`colt5_flax.data.metrics.scrolls_metric`); every reference id needs exactly one
-prediction, as the official evaluator requires.
+scorer's (`colt5_flax.data.metrics.scrolls_metric`, through
+`colt5_flax.data.scrolls_submission.score_predictions`); every reference id needs exactly
+one prediction, as the official evaluator requires.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import os
 
 from absl import app, flags
 
-from colt5_flax.data import metrics, scrolls
+from colt5_flax.data import scrolls, scrolls_submission, scrolls_table
 
-_TASK = flags.DEFINE_enum("task", None, list(scrolls.SCROLLS_TASKS), "The SCROLLS task.")
+_TASK = flags.DEFINE_enum("task", None, list(scrolls_table.NAMES), "The SCROLLS task.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL file of id, prediction.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", os.environ.get(scrolls.DATA_DIR_ENV), "Official SCROLLS files ($SCROLLS_DATA_DIR)."
@@ -27,27 +28,11 @@ _SPLIT = flags.DEFINE_string("split", "validation", "Split of the references.")
 _METRICS_JSON = flags.DEFINE_string("metrics_json", None, "Optional file for the metrics.")
 
 
-def score_predictions(task: str, predictions_path: str, data_dir: str, split: str) -> dict:
-  """The official metrics of `task` for the predictions in `predictions_path`.
-
-  Raises:
-    ValueError: missing or unknown ids (named), or a split without references (test).
-  """
-  if not data_dir:
-    raise ValueError(f"Need --data_dir (or ${scrolls.DATA_DIR_ENV}) for the references")
-  predictions = scrolls.read_predictions(predictions_path)
-  references = scrolls.references_by_id(data_dir, task, split)
-  scrolls.check_prediction_ids(task, predictions, references)
-  without = [i for i, refs in references.items() if not refs]
-  if without:
-    raise ValueError(f"{task}/{split}: ids without references (e.g. {without[0]!r}); test?")
-  ids = list(references)
-  return metrics.scrolls_metric(task, [references[i] for i in ids], [predictions[i] for i in ids])
-
-
 def main(argv):
   del argv
-  results = score_predictions(_TASK.value, _PREDICTIONS.value, _DATA_DIR.value, _SPLIT.value)
+  results = scrolls_submission.score_predictions(
+      _TASK.value, _PREDICTIONS.value, _DATA_DIR.value, _SPLIT.value
+  )
   text = json.dumps(results, indent=2, sort_keys=True)
   print(text)
   if _METRICS_JSON.value:

@@ -32,25 +32,8 @@ from typing import Any
 import numpy as np
 from rouge_score import rouge_scorer
 
-SCROLLS_TASKS = (
-    "gov_report",
-    "summ_screen_fd",
-    "qmsum",
-    "qasper",
-    "narrative_qa",
-    "quality",
-    "contract_nli",
-)
-# SPEC §3: the metric of each task.
-TASK_METRIC = {
-    "gov_report": "rouge",
-    "summ_screen_fd": "rouge",
-    "qmsum": "rouge",
-    "qasper": "f1",
-    "narrative_qa": "f1",
-    "quality": "exact_match",
-    "contract_nli": "exact_match",
-}
+from colt5_flax.data import scrolls_table
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _SCORE_KEY = {
     "rouge": "rouge/geometric_mean",
@@ -98,19 +81,13 @@ def rouge_fmeasures(prediction: str, reference: str) -> dict[str, float]:
   return {key: scores[key].fmeasure for key in ROUGE_TYPES}
 
 
-def _check_task(task: str) -> str:
-  if task not in TASK_METRIC:
-    raise ValueError(f"Unknown SCROLLS task {task!r}; expected one of {list(SCROLLS_TASKS)}")
-  return TASK_METRIC[task]
-
-
 def scrolls_metric(
     task: str, references: Sequence[Sequence[str]], predictions: Sequence[str]
 ) -> dict[str, float]:
   """The official SCROLLS metric of `task`.
 
   Args:
-    task: a SCROLLS task name (`SCROLLS_TASKS`).
+    task: a SCROLLS task name (`scrolls_table.NAMES`).
     references: `[num_examples][num_references]` strings; each example needs >= 1.
     predictions: `[num_examples]` strings.
 
@@ -120,7 +97,7 @@ def scrolls_metric(
     `exact_match`; always `scrolls_score` (the task's SCROLLS score), `num_predicted` and
     `mean_prediction_length_characters`. Scores are in [0, 100], rounded to 4 decimals.
   """
-  metric = _check_task(task)
+  metric = scrolls_table.get(task).metric
   if isinstance(predictions, str) or len(references) != len(predictions):
     raise ValueError(
         f"{task}: got {len(references)} reference lists for {len(predictions)} predictions"
@@ -174,7 +151,7 @@ def scrolls_metric_fn(task: str) -> Callable[[Sequence[Any], Sequence[str]], dic
   `targets[i]` is one reference string or a list of them (what
   `scrolls.postprocess` returns for grouped validation examples).
   """
-  _check_task(task)
+  scrolls_table.get(task)
 
   def metric_fn(targets, predictions):
     references = [_as_reference_list(t) for t in targets]

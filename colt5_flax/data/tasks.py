@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import seqio
 
-from colt5_flax.data import scrolls, synthetic, ul2, vocabularies
+from colt5_flax.data import pegasus, scrolls, synthetic, ul2, vocabularies
 
 _DEFAULT_TASKS: list[str] = []
 
@@ -42,7 +42,7 @@ def register_default_tasks() -> list[str]:
   names += scrolls.register_scrolls_local_tasks(vocabulary=byte_vocabulary, name_suffix="_byte")
   names.append("scrolls_local_byte")
   names.append(ul2.register_ul2_c4_task().name)
-  names.append(ul2.register_pegasus_c4_task().name)
+  names.append(pegasus.register_pegasus_c4_task().name)
   _DEFAULT_TASKS[:] = names
   return names
 

@@ -42,8 +42,7 @@ span-64 `[NLG]` and prefix-LM `[S2S]`.
 Each example also carries `ul2_objective` (int32: index into the objectives), which the
 feature converter drops.
 
-The PEGASUS gap-sentence objective (Zhang et al. 2020), CoLT5's Table 6 ablation, is at
-the end of this module (`pegasus_gap_sentences`, task `pegasus_c4`).
+The PEGASUS gap-sentence objective, CoLT5's Table 6 ablation, is `pegasus.py`.
 """
 
 from __future__ import annotations
@@ -51,10 +50,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import math
-import re
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -62,6 +58,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
+from colt5_flax import jsonl
 from colt5_flax.data import vocabularies
 
 
@@ -324,20 +321,33 @@ def ul2_objectives(
 
 # ------------------------------------------------------------------------- text files
 
-_counter_lock = threading.Lock()
-_skipped: collections.Counter = collections.Counter()
 _MAX_SKIP_WARNINGS = 5
 
 
-def skipped_counts() -> dict[str, int]:
-  """`{file pattern: empty documents skipped}` since the last reset."""
-  with _counter_lock:
-    return dict(_skipped)
+def _matching_files(file_pattern: str, shuffle_files: bool = False, seed=None) -> list[str]:
+  paths = sorted(tf.io.gfile.glob(file_pattern))
+  if not paths:
+    raise FileNotFoundError(f"No files match {file_pattern!r}")
+  if shuffle_files:
+    np.random.default_rng(seed).shuffle(paths)
+  return paths
 
 
-def reset_counts() -> None:
-  with _counter_lock:
-    _skipped.clear()
+def _file_documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
+  """`(location, text)` of every document in one file, empty ones included."""
+  with tf.io.gfile.GFile(path, "r") as f:
+    if not path.endswith((".jsonl", ".json")):
+      for line_number, line in enumerate(f, start=1):
+        if line.strip():
+          yield f"{path}:{line_number}", line.rstrip("\n")
+      return
+    for location, record in jsonl.read_lines(f, path):
+      if text_field not in record:
+        raise ValueError(f"{location}: missing field {text_field!r}")
+      text = record[text_field]
+      if not isinstance(text, str):
+        raise ValueError(f"{location}: field {text_field!r} is not a string")
+      yield location, text
 
 
 def text_documents(
@@ -346,48 +356,33 @@ def text_documents(
   """Documents from the files matching `file_pattern` (local or gs:// glob).
 
   `.jsonl`/`.json` files hold one JSON object per line with the text in `text_field`;
-  any other file holds one document per non-blank line. Empty documents are skipped,
-  counted (`skipped_counts()`) and logged.
+  any other file holds one document per non-blank line. Empty documents are skipped and
+  logged (`document_counts` counts them).
 
   Raises:
     FileNotFoundError: nothing matches the pattern.
     ValueError: a malformed JSON line (file:line) or a missing `text_field` (named).
   """
-  paths = sorted(tf.io.gfile.glob(file_pattern))
-  if not paths:
-    raise FileNotFoundError(f"No files match {file_pattern!r}")
-  if shuffle_files:
-    np.random.default_rng(seed).shuffle(paths)
   skipped = 0
-  for path in paths:
-    is_json = path.endswith((".jsonl", ".json"))
-    with tf.io.gfile.GFile(path, "r") as f:
-      for line_number, line in enumerate(f, start=1):
-        if not is_json:
-          if line.strip():
-            yield line.rstrip("\n")
-          continue
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as error:
-          raise ValueError(f"{path}:{line_number}: malformed JSON line ({error})") from None
-        if not isinstance(record, dict) or text_field not in record:
-          raise ValueError(f"{path}:{line_number}: missing field {text_field!r}")
-        text = record[text_field]
-        if not isinstance(text, str):
-          raise ValueError(f"{path}:{line_number}: field {text_field!r} is not a string")
-        if not text.strip():
-          skipped += 1
-          with _counter_lock:
-            _skipped[file_pattern] += 1
-          if skipped <= _MAX_SKIP_WARNINGS:
-            logging.warning("%s:%d: skipping empty document", path, line_number)
-          continue
+  for path in _matching_files(file_pattern, shuffle_files, seed):
+    for location, text in _file_documents(path, text_field):
+      if text.strip():
         yield text
+        continue
+      skipped += 1
+      if skipped <= _MAX_SKIP_WARNINGS:
+        logging.warning("%s: skipping empty document", location)
   if skipped:
     logging.warning("%s: skipped %d empty documents", file_pattern, skipped)
+
+
+def document_counts(file_pattern: str, *, text_field: str = "text") -> dict[str, int]:
+  """`{'documents': kept, 'empty': skipped}` of the files `text_documents` reads."""
+  counts = collections.Counter(documents=0, empty=0)
+  for path in _matching_files(file_pattern):
+    for _, text in _file_documents(path, text_field):
+      counts["documents" if text.strip() else "empty"] += 1
+  return dict(counts)
 
 
 def _text_dataset_fn(split, shuffle_files, seed=None, *, file_patterns, text_field):
@@ -416,14 +411,6 @@ def _preprocessors(objectives, use_mode_tokens):
   ]
 
 
-def _output_features(vocabulary):
-  vocabulary = vocabulary or vocabularies.sentencepiece_vocabulary(check_exists=False)
-  return {
-      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
-      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
-  }
-
-
 def register_ul2_c4_task(
     name: str = "ul2_c4",
     vocabulary: seqio.Vocabulary | None = None,
@@ -445,7 +432,7 @@ def register_ul2_c4_task(
   return seqio.TaskRegistry.add(
       name,
       source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
-      output_features=_output_features(vocabulary),
+      output_features=vocabularies.encdec_output_features(vocabulary),
       preprocessors=_preprocessors(objectives, use_mode_tokens),
       metric_fns=[],
   )
@@ -478,136 +465,7 @@ def register_ul2_text_task(
   return seqio.TaskRegistry.add(
       name,
       source=source,
-      output_features=_output_features(vocabulary),
+      output_features=vocabularies.encdec_output_features(vocabulary),
       preprocessors=_preprocessors(objectives, use_mode_tokens),
-      metric_fns=[],
-  )
-
-
-# ------------------------------------------------------------- PEGASUS (an ablation)
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def split_sentences(text: str) -> list[str]:
-  """Sentences of `text`: cut after '.', '!' or '?' followed by whitespace (ours: a regex,
-  no NLTK model here). Each sentence keeps its trailing whitespace, so they concatenate
-  back to `text`."""
-  sentences, start = [], 0
-  for match in _SENTENCE_END.finditer(text):
-    sentences.append(text[start : match.end()])
-    start = match.end()
-  if start < len(text):
-    sentences.append(text[start:])
-  return [s for s in sentences if s.strip()]
-
-
-def _rouge1_f(candidate: collections.Counter, reference: collections.Counter) -> float:
-  overlap = sum((candidate & reference).values())
-  if overlap == 0:
-    return 0.0
-  precision = overlap / sum(candidate.values())
-  recall = overlap / sum(reference.values())
-  return 2 * precision * recall / (precision + recall)
-
-
-def select_gap_sentences(sentences: Sequence[str], gap_sentence_ratio: float) -> list[bool]:
-  """PEGASUS' "Ind-Orig" principal sentences (Zhang et al. 2020, §3.1).
-
-  Each sentence is scored on its own by ROUGE-1 F1 (lowercase alphanumeric words, counts
-  kept: "Orig") against the rest of the document; the `round(ratio * n)` best (at least
-  1, at most n - 1; ties to the earlier sentence) are the gap sentences.
-
-  Returns:
-    `[num_sentences]` booleans, True for a gap sentence.
-  """
-  num = len(sentences)
-  if num < 2:
-    return [False] * num
-  words = [collections.Counter(_WORD.findall(s.lower())) for s in sentences]
-  total = sum(words, collections.Counter())
-  scores = [_rouge1_f(w, total - w) for w in words]
-  num_gaps = min(max(math.floor(num * gap_sentence_ratio + 0.5), 1), num - 1)
-  chosen = sorted(range(num), key=lambda i: (-scores[i], i))[:num_gaps]
-  return [i in chosen for i in range(num)]
-
-
-def pegasus_gap_sentences(
-    dataset: tf.data.Dataset,
-    output_features: Mapping[str, seqio.Feature],
-    *,
-    gap_sentence_ratio: float = 0.3,
-) -> tf.data.Dataset:
-  """PEGASUS gap-sentence generation, the pretraining ablation of CoLT5 Table 6.
-
-  Each document's principal sentences (`select_gap_sentences`) are replaced in the inputs
-  by one mask token each (`<extra_id_0>`, the first sentinel: ours, PEGASUS' [MASK1]) and
-  concatenated, in document order, as the target. No MLM on the remaining tokens (the
-  final PEGASUS models dropped it). Documents with fewer than 2 sentences are skipped.
-
-  Args:
-    dataset: examples with a string feature `text`.
-    output_features: the task's features (seqio passes them).
-    gap_sentence_ratio: fraction of sentences to mask (PEGASUS: 30%).
-
-  Returns:
-    examples `{'inputs', 'targets'}` of token ids without EOS (trim and add EOS with
-    `append_eos_after_trim`).
-  """
-  vocabulary = output_features["inputs"].vocabulary
-  mask_id = vocabularies.sentinel_ids(vocabulary)[0]
-
-  def select(text):
-    sentences = split_sentences(text.numpy().decode("utf-8"))
-    gaps = select_gap_sentences(sentences, gap_sentence_ratio)
-    return tf.constant(sentences, tf.string, shape=[len(sentences)]), tf.constant(
-        gaps, tf.bool, shape=[len(gaps)]
-    )
-
-  def make_example(ex):
-    sentences, gaps = tf.py_function(select, [ex["text"]], Tout=(tf.string, tf.bool))
-    sentences.set_shape([None])
-    gaps.set_shape([None])
-    tokens = tf.map_fn(  # ragged [num_sentences, None]
-        lambda sentence: tf.cast(vocabulary.encode_tf(sentence), tf.int32),
-        sentences,
-        fn_output_signature=tf.RaggedTensorSpec([None], tf.int32),
-    )
-    in_gap = tf.repeat(gaps, tokens.row_lengths())
-    first_of_sentence = tf.scatter_nd(
-        tokens.row_starts()[:, None], tf.ones_like(tokens.row_starts(), tf.bool),
-        tf.shape(tokens.flat_values, out_type=tf.int64),
-    )
-    values = tokens.flat_values
-    inputs = tf.boolean_mask(
-        tf.where(in_gap, tf.constant(mask_id, tf.int32), values), ~in_gap | first_of_sentence
-    )
-    targets = tf.boolean_mask(values, in_gap)
-    return {"inputs": inputs, "targets": targets, "num_sentences": tf.size(gaps)}
-
-  dataset = dataset.map(make_example, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.filter(lambda ex: ex["num_sentences"] >= 2)
-  return dataset.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]})
-
-
-def register_pegasus_c4_task(
-    name: str = "pegasus_c4",
-    vocabulary: seqio.Vocabulary | None = None,
-    *,
-    tfds_name: str = C4_TFDS_NAME,
-    tfds_data_dir: str | None = None,
-    gap_sentence_ratio: float = 0.3,
-) -> seqio.Task:
-  """Registers (or replaces) PEGASUS gap-sentence pretraining on TFDS C4 (the ablation)."""
-  seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(
-      name,
-      source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir),
-      output_features=_output_features(vocabulary),
-      preprocessors=[
-          functools.partial(pegasus_gap_sentences, gap_sentence_ratio=gap_sentence_ratio),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
       metric_fns=[],
   )

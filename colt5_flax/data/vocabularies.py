@@ -112,6 +112,22 @@ def get_vocabulary(
   raise ValueError(f"Unknown vocabulary kind {kind!r}; expected one of {VOCABULARY_KINDS}")
 
 
+def encdec_output_features(
+    vocabulary: seqio.Vocabulary | None = None,
+) -> dict[str, seqio.Feature]:
+  """A text-to-text task's `inputs` and `targets` features, both with EOS.
+
+  Args:
+    vocabulary: of both features; None: T5's SentencePiece model, not read until used
+      (registering a task reads no file).
+  """
+  vocabulary = vocabulary or sentencepiece_vocabulary(check_exists=False)
+  return {
+      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+  }
+
+
 def sentinel_ids(vocabulary: seqio.Vocabulary) -> list[int]:
   """The span-corruption sentinel ids, `<extra_id_0>` first.
 

@@ -11,7 +11,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from colt5_flax.data import scrolls, tasks, vocabularies
+from colt5_flax.data import scrolls, scrolls_table, tasks, vocabularies
 
 tfds.disable_progress_bar()
 
@@ -88,8 +88,7 @@ def raw(name, split, lengths=None):
   return list(task.get_dataset(lengths, split=split, shuffle=False).as_numpy_iterator())
 
 
-def test_local_validation_groups_references_by_id(local_task_names, caplog):
-  scrolls.reset_counts()
+def test_local_validation_groups_references_by_id(local_dir, local_task_names, caplog):
   name = "scrolls_qasper_local_fixture"
   assert name in local_task_names
   lengths = {"inputs": 64, "targets": 16}
@@ -103,9 +102,10 @@ def test_local_validation_groups_references_by_id(local_task_names, caplog):
   # Padded to the lengths, EOS after the text.
   assert batch[0]["encoder_input_tokens"].shape == (64,)
   assert batch[0]["encoder_input_tokens"][len("Is it? A long document.")] == BYTES.eos_id
-  counts = scrolls.skipped_counts()
-  assert counts[(name, "validation", "empty output")] == 1
-  assert counts[(name, "validation", "empty input")] == 1
+  # By hand: 6 rows; v3's output and v4's input are empty; ids v1 and v2 remain.
+  assert scrolls.row_counts(str(local_dir), "qasper", "validation") == {
+      "rows": 6, "kept": 4, "empty input": 1, "empty output": 1, "examples": 2
+  }
   assert "qasper/validation.jsonl:4" in caplog.text and "empty output" in caplog.text
   assert "qasper/validation.jsonl:5" in caplog.text and "empty input" in caplog.text
   examples = raw(name, "validation", lengths)
@@ -143,14 +143,15 @@ def test_zip_through_environment_variable(local_dir, monkeypatch):
 
 
 def test_truncation_is_counted_and_logged(local_task_names, caplog):
-  scrolls.reset_counts()
   name = "scrolls_qasper_local_fixture"
   lengths = {"inputs": 16, "targets": 4}
   with caplog.at_level(logging.WARNING):
     batch = converted(name, "train", lengths)
   # Hand count: inputs need len(text) + EOS <= 16, targets len + EOS <= 4.
   texts = [("Is it? Doc one.", "yes"), ("Is it? Doc one.", "Yes, it is."), ("Who? Doc two.", "Bob")]
-  assert scrolls.truncation_counts()[name] == {
+  examples = raw(name, "train", lengths)
+  assert [bool(ex["targets_truncated"]) for ex in examples] == [False, True, False]
+  assert scrolls.truncation_counts(examples) == {
       "examples": 3,
       "inputs": sum(len(i) + 1 > 16 for i, _ in texts),
       "targets": sum(len(t) + 1 > 4 for _, t in texts),
@@ -165,14 +166,13 @@ def test_truncation_defaults_to_the_task_lengths():
       {"inputs": tf.range(3, 30, dtype=tf.int32), "targets": tf.range(3, 8, dtype=tf.int32)}
   )
   features = {"inputs": seqio.Feature(BYTES), "targets": seqio.Feature(BYTES)}
-  scrolls.reset_counts()
-  out = scrolls.count_and_truncate(
+  out = scrolls.truncate(
       dataset, features, None, task_label="unit", default_lengths={"inputs": 10, "targets": 6}
   )
   (example,) = list(out.as_numpy_iterator())
   np.testing.assert_array_equal(example["inputs"], np.arange(3, 12))  # 9 + room for EOS
   np.testing.assert_array_equal(example["targets"], np.arange(3, 8))  # 5 + EOS fits
-  assert scrolls.truncation_counts()["unit"] == {"examples": 1, "inputs": 1, "targets": 0}
+  assert scrolls.truncation_counts([example]) == {"examples": 1, "inputs": 1, "targets": 0}
   assert scrolls.feature_lengths("contract_nli") == {"inputs": 8192, "targets": 128}
   assert scrolls.feature_lengths("gov_report") == {"inputs": 16384, "targets": 1024}
 
@@ -241,6 +241,6 @@ def test_metric_is_wired_to_the_task(local_task_names):
 def test_registration_is_idempotent_and_builds_mixtures(local_dir):
   first = scrolls.register_scrolls_local_tasks(str(local_dir), BYTES, name_suffix="_twice")
   second = scrolls.register_scrolls_local_tasks(str(local_dir), BYTES, name_suffix="_twice")
-  assert first == second == [f"scrolls_{t}_local_twice" for t in scrolls.SCROLLS_TASKS]
+  assert first == second == [f"scrolls_{t}_local_twice" for t in scrolls_table.NAMES]
   mixture = seqio.get_mixture_or_task("scrolls_local_twice")
   assert sorted(t.name for t in mixture.tasks) == sorted(first)

@@ -5,14 +5,14 @@ import importlib
 import pytest
 import seqio
 
-from colt5_flax.data import scrolls, tasks, vocabularies
+from colt5_flax.data import scrolls_table, tasks, vocabularies
 
 EXPECTED = (
     ["synthetic_kv_retrieval", "ul2_c4", "pegasus_c4", "scrolls", "scrolls_byte", "scrolls_local"]
-    + [f"scrolls_{t}" for t in scrolls.SCROLLS_TASKS]
-    + [f"scrolls_{t}_byte" for t in scrolls.SCROLLS_TASKS]
-    + [f"scrolls_{t}_local" for t in scrolls.SCROLLS_TASKS]
-    + [f"scrolls_{t}_local_byte" for t in scrolls.SCROLLS_TASKS]
+    + [f"scrolls_{t}" for t in scrolls_table.NAMES]
+    + [f"scrolls_{t}_byte" for t in scrolls_table.NAMES]
+    + [f"scrolls_{t}_local" for t in scrolls_table.NAMES]
+    + [f"scrolls_{t}_local_byte" for t in scrolls_table.NAMES]
     + [f"synthetic_kv_retrieval_{n}" for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536)]
 )
 

@@ -14,7 +14,8 @@ from colt5_flax.data import ul2, vocabularies
 VOCABULARY = vocabularies.get_vocabulary("byte", extra_ids=100)
 FEATURES = {"inputs": seqio.Feature(VOCABULARY), "targets": seqio.Feature(VOCABULARY)}
 SENTINELS = list(range(358, 258, -1))  # <extra_id_0> = 358, <extra_id_1> = 357, ...
-# The paper's objectives (SPEC §2): (noise density, mean span); None = prefix-LM.
+# The paper's objectives (docs/paper.md, Pretraining): (noise density, mean span); None =
+# prefix-LM.
 PAPER = [(0.5, None), (0.15, 3), (0.15, 8), (0.15, 64)]
 
 
@@ -204,10 +205,9 @@ def test_bad_text_files(tmp_path, caplog):
   with pytest.raises(ValueError, match=r"field.jsonl:1: missing field 'text'"):
     list(ul2.text_documents(str(tmp_path / "field.jsonl")))
   (tmp_path / "empty.jsonl").write_text(good + "\n" + json.dumps({"text": " "}) + "\n")
-  ul2.reset_counts()
   with caplog.at_level(logging.WARNING):
     assert list(ul2.text_documents(str(tmp_path / "empty.jsonl"))) == ["hello"]
-  assert ul2.skipped_counts() == {str(tmp_path / "empty.jsonl"): 1}
+  assert ul2.document_counts(str(tmp_path / "empty.jsonl")) == {"documents": 1, "empty": 1}
   assert "empty.jsonl:2: skipping empty document" in caplog.text
   with pytest.raises(FileNotFoundError, match="nothing-here"):
     list(ul2.text_documents(str(tmp_path / "nothing-here*")))
@@ -223,21 +223,3 @@ def test_bad_text_files(tmp_path, caplog):
 def test_lengths_too_small():
   with pytest.raises(ValueError, match="no room"):
     ul2.chunk_length(ul2.COLT5_OBJECTIVES[1], max_inputs=1, max_targets=1)
-
-
-def test_pegasus_gap_sentences_by_hand():
-  text = "red apple. red apple pie. apple pie. blue sky."
-  sentences = ul2.split_sentences(text)
-  assert sentences == ["red apple. ", "red apple pie. ", "apple pie. ", "blue sky."]
-  # ROUGE-1 F1 of each sentence against the rest (9 words: red 2, apple 3, pie 2, blue, sky):
-  # s0 2 of 2 vs 7 -> 4/9; s1 3 of 3 vs 6 -> 2/3; s2 -> 4/9; s3 -> 0.
-  assert ul2.select_gap_sentences(sentences, 0.3) == [False, True, False, False]
-  assert ul2.select_gap_sentences(sentences, 0.5) == [True, True, False, False]  # tie: earlier
-  ds = tf.data.Dataset.from_tensor_slices({"text": [text, "One sentence only."]})
-  (example,) = list(ul2.pegasus_gap_sentences(ds, FEATURES).as_numpy_iterator())
-  mask = SENTINELS[0]
-  expected_inputs = VOCABULARY.encode("red apple. ") + [mask] + VOCABULARY.encode(
-      "apple pie. blue sky."
-  )
-  assert list(example["inputs"]) == expected_inputs
-  assert list(example["targets"]) == VOCABULARY.encode("red apple pie. ")
