@@ -42,7 +42,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 ECHO_COMMANDS=1
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-ALL_TASKS=(gov_report summ_screen_fd qmsum qasper narrative_qa quality contract_nli)
+# The seven task names, from the one SCROLLS table (standard library only: any python3).
+TASK_NAMES="$(python3 "$REPO_ROOT/colt5_flax/data/scrolls_table.py")" ||
+  die "could not read the SCROLLS task names from colt5_flax/data/scrolls_table.py"
+read -r -a ALL_TASKS <<< "$TASK_NAMES"
 MODEL=""
 PRETRAINED=""
 OUTPUT_DIR=""

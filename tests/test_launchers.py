@@ -21,12 +21,12 @@ import gin
 import pytest
 
 from colt5_flax import gin_utils
+from colt5_flax.data import scrolls_table
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 CONFIGS = REPO / "configs"
-TASKS = ["gov_report", "summ_screen_fd", "qmsum", "qasper", "narrative_qa", "quality",
-         "contract_nli"]
+TASKS = list(scrolls_table.NAMES)
 
 
 def run_script(name, *args, env=None, check=True):
