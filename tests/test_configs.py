@@ -33,6 +33,7 @@ from colt5_flax import infer as infer_lib
 from colt5_flax import model as model_lib
 from colt5_flax import train as train_lib
 from colt5_flax import trainer as trainer_lib
+from colt5_flax.data import scrolls_table
 from colt5_flax.layers import attention, conditional, local_attention, mlp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,16 +55,6 @@ COLT5_SIZES = {
     "base": dict(light_heads=4, heavy_heads=8, light_mlp=1024, heavy_mlp=8192),
     "large": dict(light_heads=4, heavy_heads=12, light_mlp=1408, heavy_mlp=11264),
     "xl": dict(light_heads=8, heavy_heads=24, light_mlp=2560, heavy_mlp=20480),
-}
-# SPEC §3: (inputs, targets) per SCROLLS task.
-SCROLLS_LENGTHS = {
-    "gov_report": (16384, 1024),
-    "summ_screen_fd": (16384, 512),
-    "qmsum": (16384, 512),
-    "qasper": (16384, 128),
-    "narrative_qa": (16384, 128),
-    "quality": (16384, 128),
-    "contract_nli": (8192, 128),
 }
 ENCODER_KINDS = {
     "t5_1_1": attention.SelfAttention,
@@ -418,15 +409,21 @@ def test_run_file_without_its_companions_names_what_is_missing(files, bindings, 
 # -- SCROLLS task files ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", sorted(SCROLLS_LENGTHS))
+# The lengths are the SCROLLS table's (checked against the paper in
+# tests/data/test_scrolls_table.py): one task file per row, none other.
+def test_one_scrolls_task_file_per_task():
+  files = sorted(path.stem for path in (CONFIGS / "tasks").glob("scrolls_*.gin"))
+  assert files == sorted(f"scrolls_{name}" for name in scrolls_table.NAMES)
+
+
+@pytest.mark.parametrize("task", scrolls_table.NAMES)
 def test_scrolls_task_file(task):
   parse(
       ["models/colt5_tiny.gin", "runs/finetune_scrolls.gin", f"tasks/scrolls_{task}.gin"],
       ["MODEL_DIR = '/tmp/run'", "INITIAL_CHECKPOINT_PATH = None"],
   )
   kwargs = gin.get_bindings(train_lib.train)
-  inputs, targets = SCROLLS_LENGTHS[task]
-  assert kwargs["task_feature_lengths"] == {"inputs": inputs, "targets": targets}
+  assert kwargs["task_feature_lengths"] == scrolls_table.get(task).feature_lengths
   name = kwargs["mixture_or_task_name"]
   assert name == f"scrolls_{task}"
   seqio_task = seqio.get_mixture_or_task(name)
