@@ -139,3 +139,95 @@ def test_checkpointer_argument_errors(tmp_path):
     checkpoints.Checkpointer(str(tmp_path), keep_best=2)
   with pytest.raises(ValueError, match="best_mode"):
     checkpoints.Checkpointer(str(tmp_path), best_mode="highest")
+
+
+def _strip_markers(step_dir):
+  for marker in ("commit_success.txt", "_CHECKPOINT_METADATA"):
+    if (step_dir / marker).exists():
+      (step_dir / marker).unlink()
+
+
+def test_a_step_folder_without_markers_is_replaced_not_kept(tmp_path, caplog):
+  """Issue 15 §6.2: a leftover `checkpoint_4` neither blocks step 4 nor pushes out a good one."""
+  checkpointer = checkpoints.Checkpointer(str(tmp_path), keep=2)
+  for step in (2, 4):
+    checkpointer.save(_small_state(step), {"batches_consumed": step})
+  checkpointer.close()
+  _strip_markers(tmp_path / "checkpoint_4")
+  # Readers (evaluate, infer) skip it, as the trainer does.
+  assert checkpoints.resolve_checkpoint(str(tmp_path)) == (tmp_path / "checkpoint_2", 2)
+  with pytest.raises(FileNotFoundError, match="checkpoint_4.*incomplete"):
+    checkpoints.resolve_checkpoint(str(tmp_path / "checkpoint_4"))
+
+  resumed = checkpoints.Checkpointer(str(tmp_path), keep=2)
+  assert resumed.remove_incomplete() == [4]
+  assert "Removing incomplete checkpoint" in caplog.text and "checkpoint_4" in caplog.text
+  step, state, position = resumed.restore_latest(_small_target())
+  assert (step, position) == (2, {"batches_consumed": 2})
+  assert resumed.save(_small_state(3), {"batches_consumed": 3})
+  assert resumed.save(_small_state(4), {"batches_consumed": 4})  # saved, not skipped
+  resumed.close()
+  # keep=2 counts complete checkpoints only: 3 and 4 (2 went as the oldest of three).
+  assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint_")) == [
+      "checkpoint_3", "checkpoint_4"
+  ]
+  assert checkpoints.is_complete(tmp_path / "checkpoint_4")
+  restored, _ = checkpoints.Checkpointer(str(tmp_path)).restore(4, _small_target())
+  np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.full(4, 4.0))
+
+
+def test_save_replaces_an_incomplete_folder_of_its_own_step(tmp_path, caplog):
+  checkpointer = checkpoints.Checkpointer(str(tmp_path))
+  checkpointer.save(_small_state(4), {"batches_consumed": 4})
+  checkpointer.close()
+  _strip_markers(tmp_path / "checkpoint_4")
+  writer = checkpoints.Checkpointer(str(tmp_path))
+  assert writer.save(_small_state(4), {"batches_consumed": 5})
+  writer.close()
+  assert "Replacing incomplete checkpoint" in caplog.text
+  assert checkpoints.is_complete(tmp_path / "checkpoint_4")
+
+
+def _truncate_array_files(step_dir):
+  """Cuts every data file of the state to a third, as a copy or a disk cut short would."""
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 3)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, caplog):
+  """Issue 15 §6.3: a truncated array file: resume from the previous, say so, keep the bad one."""
+  checkpointer = checkpoints.Checkpointer(str(tmp_path))
+  for step in (2, 4):
+    checkpointer.save(_small_state(step), {"batches_consumed": step})
+  checkpointer.close()
+  _truncate_array_files(tmp_path / "checkpoint_4")
+
+  resumed = checkpoints.Checkpointer(str(tmp_path))
+  step, state, position = resumed.restore_latest(_small_target())
+  assert (step, position) == (2, {"batches_consumed": 2})
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), np.full(4, 2.0))
+  assert (tmp_path / "checkpoint_4.unreadable").is_dir()  # moved aside, never deleted
+  assert not (tmp_path / "checkpoint_4").exists()
+  messages = [record.getMessage() for record in caplog.records]
+  skipped = [m for m in messages if m.startswith("Skipped unreadable")]
+  assert len(skipped) == 1 and "checkpoint_4" in skipped[0] and "Error" in skipped[0]
+  assert "TensorStore details" not in skipped[0]  # no 60-line storage dump
+  assert resumed.save(_small_state(4), {"batches_consumed": 4})  # step 4 can be saved again
+  resumed.close()
+  assert resumed.all_steps() == [2, 4]
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(tmp_path):
+  checkpointer = checkpoints.Checkpointer(str(tmp_path))
+  for step in (2, 4):
+    checkpointer.save(_small_state(step), {"batches_consumed": step})
+  checkpointer.close()
+  for step in (2, 4):
+    _truncate_array_files(tmp_path / f"checkpoint_{step}")
+  reader = checkpoints.Checkpointer(str(tmp_path))
+  with pytest.raises(ValueError, match=r"No checkpoint in .* restores.*checkpoint_4.*checkpoint_2"):
+    reader.restore_latest(_small_target())
+  reader.close()
+  assert (tmp_path / "checkpoint_2").is_dir() and (tmp_path / "checkpoint_4").is_dir()
