@@ -2,7 +2,7 @@ r"""Converts a local transformers T5 / LongT5 checkpoint into an orbax checkpoin
 
   python scripts/convert_hf_checkpoint.py \
     --hf_dir=/path/to/long-t5-tglobal-base --output_dir=/tmp/longt5_tglobal_base \
-    [--dtype=float32] > longt5_tglobal_base.gin
+    [--dtype=float32] [--vocabulary=/path/to/spiece.model] > longt5_tglobal_base.gin
 
 --hf_dir is a directory written by `save_pretrained` (config.json plus model.safetensors,
 sharded safetensors, or pytorch_model.bin). It is read with `local_files_only=True`: nothing
@@ -23,8 +23,12 @@ configs/models/*.gin: it includes the project's architecture file for the encode
 (configs/architectures/{t5_1_1,longt5_local,longt5_tglobal}.gin) and sets the size macros,
 multi-head cross-attention, `SCAN_LAYERS = False` (the params are stored per layer) and
 whatever the architecture leaves at a default the checkpoint does not share (tied T5 v1.0
-output layer, relative buckets). Save it as e.g. configs/models/my_longt5.gin and train
-with `--gin_file=models/my_longt5.gin --gin.INITIAL_CHECKPOINT_PATH="'<output_dir>'"`.
+output layer, relative buckets). It names the vocabulary the checkpoint needs
+(`VOCABULARY`): `--vocabulary` (a SentencePiece model, or 'byte'); else the `spiece.model`
+saved beside the weights; else, for the 32128 embedding rows of T5 and LongT5, T5's public
+SentencePiece model; any other checkpoint needs `--vocabulary`. Save it as e.g.
+configs/models/my_longt5.gin and train with `--gin_file=models/my_longt5.gin
+--gin.INITIAL_CHECKPOINT_PATH="'<output_dir>'"`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from colt5_flax.convert import hf
+from colt5_flax.data import vocabularies
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Local transformers checkpoint directory.")
 _OUTPUT_DIR = flags.DEFINE_string(
@@ -45,6 +50,11 @@ _OUTPUT_DIR = flags.DEFINE_string(
 )
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Dtype of the stored parameters."
+)
+_VOCABULARY = flags.DEFINE_string(
+    "vocabulary", None,
+    "The checkpoint's vocabulary: a SentencePiece model file, or 'byte'. Default: "
+    "<hf_dir>/spiece.model, else T5's public model for 32128-row embeddings.",
 )
 
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -90,8 +100,42 @@ def load_hf_model(hf_dir: str):
   return model.eval()
 
 
-def convert_checkpoint(hf_dir: str, output_dir: str, dtype: str = "float32") -> str:
-  """Converts `hf_dir` and writes the params to `output_dir`; returns the gin bindings."""
+# T5's SentencePiece model (32000 pieces + 100 extra ids), padded to 32128 embedding rows.
+_T5_VOCABULARY_ROWS = 32128
+
+
+def checkpoint_vocabulary(hf_dir: str, vocab_size: int, vocabulary: str | None = None) -> str:
+  """The vocabulary the checkpoint in `hf_dir` needs: a SentencePiece model path or 'byte'.
+
+  `vocabulary` when given; else the tokenizer's `spiece.model` saved beside the weights;
+  else T5's public SentencePiece model when the embedding has T5's 32128 rows.
+
+  Raises:
+    ValueError: none of these applies (the caller must name the vocabulary).
+  """
+  if vocabulary:
+    return vocabulary
+  saved = os.path.join(hf_dir, "spiece.model")
+  if os.path.exists(saved):
+    return os.path.abspath(saved)
+  if vocab_size == _T5_VOCABULARY_ROWS:
+    return vocabularies.DEFAULT_SPM_PATH
+  raise ValueError(
+      f"{hf_dir} has no spiece.model and its embedding has {vocab_size} rows, not T5's "
+      f"{_T5_VOCABULARY_ROWS}: name its vocabulary with --vocabulary=<SentencePiece model> "
+      "(or --vocabulary=byte)"
+  )
+
+
+def convert_checkpoint(
+    hf_dir: str, output_dir: str, dtype: str = "float32", vocabulary: str | None = None
+) -> str:
+  """Converts `hf_dir` and writes the params to `output_dir`; returns the model gin file.
+
+  Args:
+    hf_dir, output_dir, dtype: as the flags.
+    vocabulary: `--vocabulary` (see `checkpoint_vocabulary`).
+  """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={dtype!r}; expected 'float32' or 'bfloat16'")
   output_dir = os.path.abspath(output_dir)
@@ -99,6 +143,7 @@ def convert_checkpoint(hf_dir: str, output_dir: str, dtype: str = "float32") -> 
     raise ValueError(f"--output_dir={output_dir!r} exists; choose a new directory")
   model = load_hf_model(hf_dir)
   arch = hf.architecture_from_hf(model)
+  vocabulary = checkpoint_vocabulary(hf_dir, arch.vocab_size, vocabulary)
   _, variables = hf.from_hf(model)
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), nn.unbox(variables["params"]))
   checkpointer = ocp.StandardCheckpointer()
@@ -110,7 +155,7 @@ def convert_checkpoint(hf_dir: str, output_dir: str, dtype: str = "float32") -> 
       f"# Converted by scripts/convert_hf_checkpoint.py from {os.path.abspath(hf_dir)}\n"
       f"# ({type(model).__name__}, {num_params} parameters); params: {output_dir}\n"
   )
-  return header + hf.gin_bindings(arch)
+  return header + hf.gin_bindings(arch, vocabulary)
 
 
 def main(argv):
@@ -118,7 +163,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _HF_DIR.value or not _OUTPUT_DIR.value:
     raise app.UsageError("--hf_dir and --output_dir are required")
-  print(convert_checkpoint(_HF_DIR.value, _OUTPUT_DIR.value, _DTYPE.value), end="")
+  gin_text = convert_checkpoint(
+      _HF_DIR.value, _OUTPUT_DIR.value, _DTYPE.value, _VOCABULARY.value
+  )
+  print(gin_text, end="")
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ _ATTENTION_CONFIGURABLES = {
 }
 
 
-def gin_bindings(arch: T5Architecture) -> str:
+def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
   """A model gin file (as configs/models/*.gin) for the network `build_network(arch)` builds.
 
   It includes the project's architecture file for the encoder kind (found through the
@@ -318,6 +318,12 @@ def gin_bindings(arch: T5Architecture) -> str:
       f"include '{_ARCHITECTURE_FILES[kind]}'",
       "",
       f"VOCAB_SIZE = {arch.vocab_size}",
+
+  Args:
+    arch: from `architecture_from_hf`.
+    vocabulary: the vocabulary the checkpoint was trained with, bound to `VOCABULARY`: a
+      SentencePiece model file (local or gs://), or 'byte' for `seqio.ByteVocabulary`.
+      None leaves the architecture file's (T5's public SentencePiece model).
       f"EMBED_DIM = {arch.embed_dim}",
       f"NUM_HEADS = {arch.num_heads}",
       f"HEAD_DIM = {arch.head_dim}",
@@ -348,6 +354,10 @@ def gin_bindings(arch: T5Architecture) -> str:
     for configurable in ("network.Encoder", attention_ref, "network.Decoder"):
       lines.append(f"{configurable}.num_buckets = {arch.num_buckets}")
       lines.append(f"{configurable}.max_distance = {arch.max_distance}")
+  vocabulary_import, vocabulary_lines = _vocabulary_lines(vocabulary)
+  if vocabulary_import:
+    lines.insert(lines.index("from colt5_flax import network"), vocabulary_import)
+  lines += vocabulary_lines
   return "\n".join(lines) + "\n"
 
 
@@ -362,6 +372,24 @@ def abstract_variables(net: network_lib.EncoderDecoder, length: int = 8) -> PyTr
   return jax.eval_shape(
       functools.partial(net.init, enable_dropout=False), rngs, tokens, tokens, tokens
   )
+
+def _vocabulary_lines(vocabulary: str | None) -> tuple[str | None, list[str]]:
+  """(the import the binding needs, the lines binding `VOCABULARY`)."""
+  if vocabulary is None:
+    return None, []
+  if vocabulary == "byte":
+    return "import seqio", [
+        "# The checkpoint's vocabulary: bytes (ByT5's).",
+        "VOCABULARY = @seqio.ByteVocabulary()",
+    ]
+  if "'" in vocabulary or "\n" in vocabulary:
+    raise ValueError(f"vocabulary path {vocabulary!r} cannot be written into a gin string")
+  return "from colt5_flax.data import vocabularies", [
+      "# The checkpoint's vocabulary: the SentencePiece model its tokenizer used.",
+      "VOCABULARY = @vocabularies.sentencepiece_vocabulary()",
+      f"vocabularies.sentencepiece_vocabulary.path = '{vocabulary}'",
+  ]
+
 
 
 def _unique_prefix(paths, under: Path, suffix: Path) -> Path:

@@ -256,6 +256,8 @@ def _restore(path):
 def test_script_end_to_end(script, saved_t5, tmp_path):
   model, hf_dir = saved_t5
   gin_text = script.convert_checkpoint(str(hf_dir), str(tmp_path / "ckpt"))
+  # Where save_pretrained puts a T5 tokenizer's model; its content is not read here.
+  (hf_dir / "spiece.model").write_bytes(b"stands in for a SentencePiece model")
   restored = _restore(tmp_path / "ckpt")
 
   # The checkpoint holds exactly the converted params, unboxed.
@@ -269,6 +271,8 @@ def test_script_end_to_end(script, saved_t5, tmp_path):
 
   # The trainer's INITIAL_CHECKPOINT_PATH reader takes the directory as it is.
   checkpoints = pytest.importorskip("colt5_flax.checkpoints")
+  # The printed gin names the tokenizer's vocabulary saved beside the weights.
+  assert f"vocabularies.sentencepiece_vocabulary.path = '{hf_dir / 'spiece.model'}'" in gin_text
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -293,7 +297,13 @@ def test_script_bfloat16_and_pickle_free_bin(script, saved_t5, tmp_path):
   # transformers 5 only writes safetensors: write the legacy pickle format by hand.
   model.config.save_pretrained(bin_dir)
   torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
-  script.convert_checkpoint(str(bin_dir), str(tmp_path / "ckpt"), dtype="bfloat16")
+  # No spiece.model and not T5's 32128 rows: the vocabulary must be named.
+  with pytest.raises(ValueError, match=r"40 rows, not T5's 32128: .*--vocabulary="):
+    script.convert_checkpoint(str(bin_dir), str(tmp_path / "ckpt"), dtype="bfloat16")
+  gin_text = script.convert_checkpoint(
+      str(bin_dir), str(tmp_path / "ckpt"), dtype="bfloat16", vocabulary="byte"
+  )
+  assert "VOCABULARY = @seqio.ByteVocabulary()" in gin_text
   restored = traverse_util.flatten_dict(_restore(tmp_path / "ckpt"))
   _, variables = hf.from_hf(model)
   for path, value in traverse_util.flatten_dict(nn.unbox(variables["params"])).items():
@@ -335,3 +345,24 @@ def test_gin_bindings_build_the_converted_network(kind):
   for path, leaf in expected.items():
     assert got[path].value.shape == leaf.value.shape, path
     assert got[path].names == leaf.names, path
+
+
+def test_checkpoint_vocabulary_defaults(script, tmp_path):
+  # Without spiece.model: T5's public model for T5's 32128 rows, else the caller must say.
+  t5_model = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+  assert script.checkpoint_vocabulary(str(tmp_path), 32128) == t5_model
+  assert script.checkpoint_vocabulary(str(tmp_path), 384, "byte") == "byte"
+  with pytest.raises(ValueError, match="--vocabulary"):
+    script.checkpoint_vocabulary(str(tmp_path), 384)
+
+
+@pytest.mark.parametrize(
+    "vocabulary, expected",
+    [("byte", "ByteVocabulary"), ("/data/spm.model", "sentencepiece_vocabulary")],
+)
+def test_gin_bindings_bind_the_vocabulary(vocabulary, expected):
+  text = hf.gin_bindings(hf.architecture_from_hf(_hf_model("t5", tied=False)), vocabulary)
+  bound = _with_gin_network(text, lambda net: str(gin.query_parameter("%VOCABULARY")))
+  assert expected in bound
+  if vocabulary != "byte":
+    assert f"vocabularies.sentencepiece_vocabulary.path = '{vocabulary}'" in text
