@@ -20,14 +20,20 @@ dynamic registration (`from colt5_flax import train as train_script`,
 `train_script.train.model_dir = %MODEL_DIR`).
 
 Checks made before anything compiles: gin's own (unknown configurable or parameter:
-`ValueError`/`NameError`/`AttributeError` naming the binding), a macro set on the command
+`ValueError`/`NameError`/`AttributeError` naming the binding), a binding whose value does
+not parse (named, with the reminder that strings need quotes), a macro set on the command
 line that no configuration reads (a typo such as `--gin.TRAIN_STEP=5`), and a required
-macro left unset (`MODEL_DIR = %gin.REQUIRED`).
+macro left unset (`MODEL_DIR = %gin.REQUIRED`). Once the model is built,
+`check_ablations_apply` refuses an `ablations/*.gin` file none of whose bindings the run
+uses (e.g. `ablations/static_routing.gin` on a LongT5 model, which has no router).
+
+The operative configuration goes to `MODEL_DIR/config.gin`, not to the console.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging as std_logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -59,6 +65,24 @@ flags.DEFINE_integer("process_count", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_index", None, "This process's index (multi-host).")
 
 _MACRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ABLATIONS_DIR = "ablations"
+# The ablation files of the last `parse_gin_flags` (checked by `check_ablations_apply`).
+_parsed_ablation_files: list[str] = []
+
+
+class _GinPathProbeFilter(std_logging.Filter):
+  """Drops gin's "Path not found" ERROR records.
+
+  gin probes each search path for an `include` also as a Python package path
+  (gin/resource_reader.py) and logs every miss at ERROR, although the file is found in
+  another search path; a file found nowhere still fails with gin's own IOError.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.module == "resource_reader" and record.msg.startswith("Path not found"))
+
+
+_PATH_PROBE_FILTER = _GinPathProbeFilter()
 _REQUIRED_MACRO = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = %gin\.REQUIRED$", re.MULTILINE)
 _MACRO_REFERENCE = re.compile(r"%([A-Za-z_][A-Za-z0-9_.]*)")
 
@@ -97,18 +121,38 @@ def parse_gin_flags(
   for path in gin_search_paths:
     gin.add_config_file_search_path(path)
   gin_files = [_find_gin_file(name, gin_search_paths) for name in gin_files or []]
+  std_logging.getLogger().addFilter(_PATH_PROBE_FILTER)  # root: where gin logs
   try:
     gin.parse_config_files_and_bindings(
         gin_files, list(gin_bindings), finalize_config=False, skip_unknown=False
     )
-  except (NameError, AttributeError, SyntaxError) as error:
+  except SyntaxError as error:
+    raise ValueError(_syntax_error_message(error)) from error
+  except (NameError, AttributeError) as error:
     # gin's message names the binding and its file/line; ValueError is the project's type
     # for bad user input.
     raise ValueError(f"Invalid gin configuration: {error}") from error
   check_command_line_macros(gin_bindings)
+  _parsed_ablation_files[:] = [
+      path for path in gin_files if os.path.basename(os.path.dirname(path)) == _ABLATIONS_DIR
+  ]
   if finalize_config:
     gin.finalize()
-  logging.info("Gin configuration:\n%s", gin.config_str())
+  logging.info("Gin files: %s; bindings: %s", gin_files, list(gin_bindings))
+
+
+def _syntax_error_message(error: SyntaxError) -> str:
+  """Names the unparsable binding; a command-line one gets the quoting reminder."""
+  line = (error.text or "").strip()
+  if error.filename:  # in a gin file: gin's message has the file and line
+    return f"Invalid gin configuration: {error} in {error.filename}:{error.lineno}: {line!r}"
+  name, _, value = line.partition("=")
+  name, value = name.strip(), value.strip()
+  return (
+      f"Cannot parse the gin binding {line!r} (--gin.{name}=... or --gin_bindings): "
+      f"{error.msg}. VALUE must be a Python literal or a gin reference (@name, %MACRO); "
+      f"strings need their own quotes inside the shell's: --gin.{name}=\"'{value}'\""
+  )
 
 
 def _find_gin_file(name: str, search_paths: Sequence[str]) -> str:
@@ -154,6 +198,48 @@ def check_required_macros() -> None:
         f"Required gin macro(s) not set: {', '.join(missing)}; pass them, e.g. {examples} "
         "(strings quoted: --gin.MODEL_DIR=\"'/path/to/run'\")"
     )
+
+
+def _bound_names(path: str) -> list[tuple[str, str]]:
+  """(macro or `module.fn`, parameter or '') of each binding a gin file makes itself."""
+  from gin import config_parser
+
+  names = []
+  with open(path) as file:
+    delegate = gin.config.ParserDelegate(skip_unknown=True)
+    for statement in config_parser.ConfigParser(file, delegate):
+      if isinstance(statement, config_parser.BindingStatement):
+        names.append((statement.selector, statement.arg_name))
+  return names
+
+
+def check_ablations_apply() -> None:
+  """Raises ValueError for an `ablations/*.gin` file that changes nothing in this run.
+
+  Call once the model is built (gin's operative configuration then holds every
+  parameter the run used). An ablation counts as applied when the run used one of its
+  bindings: a macro it sets is read by a used parameter, or a parameter it binds was used.
+  Applied to another architecture (`ablations/static_routing.gin` on LongT5, which has no
+  router), an ablation would silently train the baseline.
+  """
+  if not _parsed_ablation_files:
+    return
+  operative = gin.operative_config_str()
+  used_macros = set(_MACRO_REFERENCE.findall(operative))
+  used_parameters = set(re.findall(r"^(?:[\w./]+/)?([\w.]+) = ", operative, re.MULTILINE))
+  for path in _parsed_ablation_files:
+    bindings = _bound_names(path)
+    applied = any(
+        (name in used_macros) if not parameter else (f"{name}.{parameter}" in used_parameters)
+        for name, parameter in bindings
+    )
+    if bindings and not applied:
+      described = ", ".join(f"{n}.{p}" if p else n for n, p in bindings)
+      raise ValueError(
+          f"--gin_file={path} changes nothing in this run: the model never reads "
+          f"{described}. The ablation is meant for another architecture (its header says "
+          "which model files it applies to); drop it or change the model file"
+      )
 
 
 def operative_config() -> str:
