@@ -306,6 +306,12 @@ def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
   directly. Dropout and the activation dtype stay the run's choice (`DROPOUT_RATE`,
   `ACTIVATION_DTYPE`); `SCAN_LAYERS = False` because the converted parameters are stored
   per layer (`layers_<i>`).
+
+  Args:
+    arch: from `architecture_from_hf`.
+    vocabulary: the vocabulary the checkpoint was trained with, bound to `VOCABULARY`: a
+      SentencePiece model file (local or gs://), or 'byte' for `seqio.ByteVocabulary`.
+      None leaves the architecture file's (T5's public SentencePiece model).
   """
   kind = arch.encoder_attention
   attention_ref = _ATTENTION_CONFIGURABLES[kind]
@@ -318,12 +324,6 @@ def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
       f"include '{_ARCHITECTURE_FILES[kind]}'",
       "",
       f"VOCAB_SIZE = {arch.vocab_size}",
-
-  Args:
-    arch: from `architecture_from_hf`.
-    vocabulary: the vocabulary the checkpoint was trained with, bound to `VOCABULARY`: a
-      SentencePiece model file (local or gs://), or 'byte' for `seqio.ByteVocabulary`.
-      None leaves the architecture file's (T5's public SentencePiece model).
       f"EMBED_DIM = {arch.embed_dim}",
       f"NUM_HEADS = {arch.num_heads}",
       f"HEAD_DIM = {arch.head_dim}",
@@ -342,6 +342,10 @@ def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
       "SCAN_LAYERS = False",
       f"# transformers' config had dropout_rate={arch.dropout_rate}; runs set DROPOUT_RATE.",
   ]
+  vocabulary_import, vocabulary_lines = _vocabulary_lines(vocabulary)
+  if vocabulary_import:
+    lines.insert(lines.index("from colt5_flax import network"), vocabulary_import)
+  lines += vocabulary_lines
   if arch.logits_via_embedding:
     lines += [
         "# T5 v1.0 output: tied to the embedding, rescaled by d_model^-0.5.",
@@ -354,24 +358,8 @@ def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
     for configurable in ("network.Encoder", attention_ref, "network.Decoder"):
       lines.append(f"{configurable}.num_buckets = {arch.num_buckets}")
       lines.append(f"{configurable}.max_distance = {arch.max_distance}")
-  vocabulary_import, vocabulary_lines = _vocabulary_lines(vocabulary)
-  if vocabulary_import:
-    lines.insert(lines.index("from colt5_flax import network"), vocabulary_import)
-  lines += vocabulary_lines
   return "\n".join(lines) + "\n"
 
-
-# ----------------------------------------------------------------------------- parameters
-
-
-def abstract_variables(net: network_lib.EncoderDecoder, length: int = 8) -> PyTree:
-  """`jax.eval_shape` of `net.init`: boxed `ShapeDtypeStruct`s, no compilation."""
-  tokens = jnp.ones((1, length), jnp.int32)
-  rng = jax.random.PRNGKey(0)
-  rngs = {"params": rng, "dropout": rng, "routing": rng}
-  return jax.eval_shape(
-      functools.partial(net.init, enable_dropout=False), rngs, tokens, tokens, tokens
-  )
 
 def _vocabulary_lines(vocabulary: str | None) -> tuple[str | None, list[str]]:
   """(the import the binding needs, the lines binding `VOCABULARY`)."""
@@ -390,6 +378,18 @@ def _vocabulary_lines(vocabulary: str | None) -> tuple[str | None, list[str]]:
       f"vocabularies.sentencepiece_vocabulary.path = '{vocabulary}'",
   ]
 
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def abstract_variables(net: network_lib.EncoderDecoder, length: int = 8) -> PyTree:
+  """`jax.eval_shape` of `net.init`: boxed `ShapeDtypeStruct`s, no compilation."""
+  tokens = jnp.ones((1, length), jnp.int32)
+  rng = jax.random.PRNGKey(0)
+  rngs = {"params": rng, "dropout": rng, "routing": rng}
+  return jax.eval_shape(
+      functools.partial(net.init, enable_dropout=False), rngs, tokens, tokens, tokens
+  )
 
 
 def _unique_prefix(paths, under: Path, suffix: Path) -> Path:

@@ -244,6 +244,8 @@ def saved_t5(tmp_path_factory):
   model = _hf_model("t5", tied=False, seed=3)
   hf_dir = tmp_path_factory.mktemp("hf") / "t5"
   model.save_pretrained(hf_dir)
+  # Where save_pretrained puts a T5 tokenizer's model; its content is not read here.
+  (hf_dir / "spiece.model").write_bytes(b"stands in for a SentencePiece model")
   return model, hf_dir
 
 
@@ -256,9 +258,9 @@ def _restore(path):
 def test_script_end_to_end(script, saved_t5, tmp_path):
   model, hf_dir = saved_t5
   gin_text = script.convert_checkpoint(str(hf_dir), str(tmp_path / "ckpt"))
-  # Where save_pretrained puts a T5 tokenizer's model; its content is not read here.
-  (hf_dir / "spiece.model").write_bytes(b"stands in for a SentencePiece model")
   restored = _restore(tmp_path / "ckpt")
+  # The printed gin names the tokenizer's vocabulary saved beside the weights.
+  assert f"vocabularies.sentencepiece_vocabulary.path = '{hf_dir / 'spiece.model'}'" in gin_text
 
   # The checkpoint holds exactly the converted params, unboxed.
   _, variables = hf.from_hf(model)
@@ -271,8 +273,6 @@ def test_script_end_to_end(script, saved_t5, tmp_path):
 
   # The trainer's INITIAL_CHECKPOINT_PATH reader takes the directory as it is.
   checkpoints = pytest.importorskip("colt5_flax.checkpoints")
-  # The printed gin names the tokenizer's vocabulary saved beside the weights.
-  assert f"vocabularies.sentencepiece_vocabulary.path = '{hf_dir / 'spiece.model'}'" in gin_text
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
