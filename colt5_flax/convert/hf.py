@@ -25,7 +25,9 @@ What the mapping rests on (transformers 4.45 … 5.x):
   `tie_word_embeddings`). Tied + rescaled becomes `logits_via_embedding=True`; every other
   combination becomes an untied `logits_dense` (the rescale folded into its kernel). Since
   transformers 5 ties `lm_head` to `shared` in memory whenever the checkpoint has no
-  separate `lm_head.weight`, T5.1.1 models usually arrive tied and unscaled.
+  separate `lm_head.weight`, T5.1.1 models usually arrive tied and unscaled. Their logits
+  convert exactly, but fine-tuning differs (a warning says so): our untied copy is
+  updated apart from the embedding, where transformers updates one shared matrix.
 - HF's decoder start token is 0 (the padding id), like ours; `decoder_input_tokens` are
   the targets shifted right with a leading 0.
 
@@ -183,6 +185,16 @@ def architecture_from_hf(model) -> T5Architecture:
   # transformers >= 5 names the T5 v1.0 rescale `scale_decoder_outputs`; before, it was
   # implied by `tie_word_embeddings`.
   rescale = bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
+  if model.lm_head.weight is shared and not rescale:
+    # Our network ties the output layer only together with the rescale (T5 v1.0), so the
+    # tied-unscaled head becomes a separate copy: same logits, but training updates the two
+    # copies apart (tests/test_training_parity.py measured 0.4-5% loss drift in 20 steps).
+    warnings.warn(
+        "lm_head is tied to shared without the d_model^-0.5 rescale: the converted network "
+        "gets an untied logits_dense copy, which gives the same logits but fine-tunes "
+        "differently from transformers (which updates one shared matrix)",
+        stacklevel=2,
+    )
   vocab_size, embed_dim = shared.shape
   if tuple(model.lm_head.weight.shape) != (vocab_size, embed_dim):
     raise ValueError(
