@@ -13,7 +13,7 @@ Output: one line per top-level parameter group (token embedding, encoder, decode
 output projection) and, on the last line, the total as a bare integer, so scripts can
 read it with `tail -1`.
 
-The paper's Table 7 counts (SPEC §1.5) are met to within 0.2% by the model files in
+The paper's Table 7 counts (docs/paper.md, Sizes) are met to within 0.2% by the model files in
 `configs/models/` (untied input and output embeddings of 32128 rows, multi-head
 cross-attention for LongT5, multi-query for CoLT5).
 """

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules of T5 and CoLT5 (CoLT5 §4, SPEC §2).
+"""Optimizers and learning-rate schedules of T5 and CoLT5 (docs/paper.md, Training).
 
 Gin picks an optimizer factory and a schedule separately, because the trainer logs the
 learning rate of every step:

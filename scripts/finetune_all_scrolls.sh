@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tunes one pretrained checkpoint on the seven SCROLLS tasks, evaluates each task's
-# best dev checkpoint, decodes the test sets and builds the leaderboard CSV (SPEC §2-§3):
+# best dev checkpoint, decodes the test sets and builds the leaderboard CSV (docs/paper.md):
 # for each task T,
 #   1. python -m colt5_flax.train    MODEL runs/finetune_scrolls.gin tasks/scrolls_T.gin
 #        MODEL_DIR=OUTPUT_DIR/T, INITIAL_CHECKPOINT_PATH=PRETRAINED

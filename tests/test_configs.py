@@ -3,9 +3,9 @@
 Each file is parsed the way the entry points parse it (`gin_utils.parse_gin_flags`, the
 `configs/` search path), together with the files it is meant to be combined with (a model
 file, a run file, a task file), then finalized; its `MODEL` is built and compared with the
-paper's sizes (SPEC §1.5, written out here by hand), and the run files' entry-point
-bindings are resolved and checked against SPEC §2 (learning rates at given steps, batch
-sizes, lengths, dropout, routed-token counts).
+paper's sizes (Table 7, written out here by hand), and the run files' entry-point
+bindings are resolved and checked against the paper's setup in docs/paper.md (learning
+rates at given steps, batch sizes, lengths, dropout, routed-token counts).
 
 The tiny variant of every architecture and every ablation runs one training step on CPU
 through the project's `Trainer` (runs/demo.gin's full path through `train.train` is
@@ -42,9 +42,9 @@ CONFIGS = REPO / "configs"
 # Files that need t5x installed (tests/test_t5x_dropin.py parses them).
 T5X_DIR = "t5x"
 
-# -- What SPEC says, written out by hand ----------------------------------------------------
+# -- What the paper says (docs/paper.md), written out by hand -----------------------------
 
-# SPEC §1.5 (paper Table 7) and T5.1.1's sizes: d_model, layers, T5 heads, T5 d_ff.
+# Paper Table 7 and T5.1.1's sizes: d_model, layers, T5 heads, T5 d_ff.
 T5_SIZES = {
     "base": dict(embed=768, layers=12, heads=12, mlp=2048),
     "large": dict(embed=1024, layers=24, heads=16, mlp=2816),
@@ -190,7 +190,7 @@ def test_architecture_file_builds_its_encoder_kind(kind):
   assert isinstance(model, model_lib.EncoderDecoderModel)
   net, encoder, attn, feed_forward, decoder = built_parts(model)
   assert type(attn) is ENCODER_KINDS[kind]
-  # CoLT5 §3.3: multi-query cross-attention; T5 and LongT5 multi-head (SPEC §1.6).
+  # CoLT5 §3.3: multi-query cross-attention; T5 and LongT5 multi-head (Table 7's counts).
   assert decoder.num_cross_attention_kv_heads == (1 if kind == "colt5" else None)
   if kind == "colt5":
     assert type(feed_forward) is conditional.ConditionalFeedForward

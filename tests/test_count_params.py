@@ -3,7 +3,7 @@
 The formulas below count, by hand from the sizes, every weight of a T5.1.1-style
 encoder-decoder (projections, gated MLPs, RMS norm scales, stack-shared relative-position
 tables, routers, untied input and output embeddings); the counts from `jax.eval_shape`
-must equal them exactly, and the paper's Table 7 totals (SPEC §1.5) within 3%.
+must equal them exactly, and the paper's Table 7 totals within 3%.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ CONFIGS = REPO / "configs"
 VOCAB = 32128
 HEAD_DIM = 64
 BUCKETS = 32
-# d_model, layers, T5 heads, T5 d_ff (SPEC §1.5; T5.1.1 sizes).
+# d_model, layers, T5 heads, T5 d_ff (paper Table 7; T5.1.1 sizes).
 T5_SIZES = {
     "base": (768, 12, 12, 2048),
     "large": (1024, 24, 16, 2816),
     "xl": (2048, 24, 32, 5120),
 }
-# CoLT5 light heads, heavy heads, light MLP, heavy MLP (SPEC §1.5).
+# CoLT5 light heads, heavy heads, light MLP, heavy MLP (paper Table 7).
 COLT5_SIZES = {
     "base": (4, 8, 1024, 8192),
     "large": (4, 12, 1408, 11264),

@@ -6,7 +6,7 @@ dependencies:
 
     python3 colt5_flax/data/scrolls_table.py          # gov_report summ_screen_fd ...
 
-Lengths are the fine-tuning lengths of CoLT5 §5 (docs/configs.md): inputs of 16384
+Lengths are the paper's fine-tuning lengths (docs/paper.md, Training): inputs of 16384
 tokens (ContractNLI 8192); targets of 1024 for GovReport, 512 for the other two
 summarisation tasks and 128 for question answering and NLI. The metric is SCROLLS': the
 geometric mean of ROUGE-1/2/L for summarisation, token F1 for Qasper and NarrativeQA,

@@ -1,4 +1,4 @@
-"""UL2-variant pretraining objectives (CoLT5 §4, SPEC §2) as seqio preprocessors.
+"""UL2-variant pretraining objectives (CoLT5 pretraining; docs/paper.md) as seqio preprocessors.
 
 CoLT5 pretrains on "a UL2 variant": four objectives in equal proportion,
 - prefix-LM with noise density 0.5 (UL2's S-denoiser),
@@ -89,7 +89,7 @@ COLT5_OBJECTIVES = (
     Objective("span_corruption_8", 0.15, 8.0, "[NLU]"),
     Objective("span_corruption_64", 0.15, 64.0, "[NLG]"),
 )
-# SPEC §2: pretraining input and target lengths.
+# The paper's pretraining input and target lengths (docs/paper.md, Training).
 FEATURE_LENGTHS = {"inputs": 4096, "targets": 910}
 C4_TFDS_NAME = "c4/en:3.0.1"
 

@@ -10,7 +10,7 @@ Gin binds these plain functions by dynamic registration, e.g.
 Three kinds:
 - `'sentencepiece'`: T5's 32k SentencePiece model. The default path is the public one T5X
   uses, `cc_all.32000.100extra`, whose 100 `<extra_id_N>` pieces are already inside the
-  model file (32100 ids; models pad the embedding to 32128 rows, CoLT5 §1.5). So the
+  model file (32100 ids; models pad the embedding to 32128 rows, paper Table 7). So the
   default `extra_ids` is 0: adding 100 more would give 32200 ids. Pass `extra_ids=100`
   only with a model that lacks them (T5's older `cc_all.32000` file).
 - `'byte'`: `seqio.ByteVocabulary` (ByT5: 0 pad, 1 EOS, 2 UNK, byte b -> id b + 3; 259

@@ -1,62 +1,18 @@
 """LongT5's encoder self-attention: blocked sliding-window local, and transient-global.
 
-Both layers reproduce transformers' `LongT5LocalAttention` and
-`LongT5TransientGlobalAttention` (as `LongT5Stack` drives them) for the same weights.
-What we found in transformers' `modeling_longt5.py` (v5.24), and follow:
+`LocalSelfAttention`: each token attends to the tokens within `local_radius` of it
+(LongT5 §2.1.1), computed in blocks of `local_radius + 1`, so memory grows linearly with
+length. `TransientGlobalSelfAttention` (LongT5 §2.1.2) adds, for every token, attention to
+global tokens: the layer-normed sums of each block of `global_block_size` input vectors.
+Both reproduce transformers' `LongT5LocalAttention` / `LongT5TransientGlobalAttention`
+for the same weights: docs/longt5_attention.md records what transformers' code does
+(blocks, masks, orphan tokens, the bias tables one per stack) and where ours differs;
+tests/convert/test_hf.py checks the logits.
 
-Local attention (LongT5 §2.1.1):
-- Block length is `local_radius + 1` (128 for the default radius 127). The sequence is
-  zero-padded at the end to a whole number of blocks; each query block attends to the
-  concatenation of its previous, own and next block (3 · block_len keys; the blocks before
-  the first and after the last are zeros). The window is then masked to
-  |key − query| ≤ local_radius (`abs(relative_position) < block_len`), AND key valid AND
-  query valid. The stack always builds this mask (from all-ones when no attention_mask is
-  given); only a bare `LongT5LocalAttention(mask=None)` skips it, which we do not copy.
-- The relative position bias of the window is one [heads, block_len, 3 · block_len] array,
-  shared by every block: relative position = key index − query index inside the 3-block
-  window (so it is the true distance), bidirectional T5 buckets.
-- One bias table per stack: only block 0 has `relative_attention_bias`; its bias (with the
-  mask folded in) is returned and reused by every later layer. Here the stack passes that
-  table as `rel_embedding`.
-- Masked logits get −1e10 in HF; our kernel masks the same entries, so every query with at
-  least one allowed key matches. Queries that are padding differ (HF spreads them
-  uniformly over the window, we output 0); no valid token ever reads them.
-
-Transient-global attention (LongT5 §2.1.2):
-- `global_block_size` (16) consecutive tokens form a global block; token i of a valid
-  (mask = 1) position belongs to block floor(i / global_block_size), counted from the
-  sequence start (absolute position, not count of valid tokens). Padding tokens belong to
-  no block (id −1).
-- Orphans: with F = the number of block-end positions (i % size == size − 1) that are
-  valid, block ids are clipped to F − 1, so a trailing partial block joins the last full
-  block, and a sequence with no full block has no global tokens at all.
-- Number of global tokens: `length // global_block_size` (floor, on the unpadded length);
-  global g is valid iff g < F. Invalid globals (zero sums) are masked out.
-- Global inputs: the sum of the layer's input vectors (the pre-attention-normed hidden
-  states) over each block, then `global_input_layer_norm` (a T5 RMSNorm with its own scale
-  in every layer, created whether or not the layer has a bias table), projected by the
-  layer's own K and V weights; every query block attends to [3-block window ; all globals].
-- Side (global) bias: relative position = global index − the query token's block id,
-  bidirectional T5 buckets, looked up in `global_relative_attention_bias`. HF creates that
-  table only in layer 0 (`has_relative_attention_bias`); layer 0 returns the concatenated
-  [local ; side] bias and all later layers reuse it, so the side table is ONE per stack,
-  exactly like the local table. The stack therefore owns two tables and passes both:
-  `rel_embedding` (HF `block.0...relative_attention_bias`) and `global_rel_embedding`
-  (HF `block.0...global_relative_attention_bias`); per layer there is only
-  `global_input_layer_norm`.
-- Side mask: HF allows query→global iff mask[query] == global_valid[global], so valid tokens
-  see valid globals (padding queries are don't-care, and we mask them fully).
-- HF computes i / global_block_size by a float32 cumulative sum; for a power-of-two size
-  (LongT5's 16) that is exact and equals our integer division.
-
-Packed inputs (`segment_ids`, seqio/t5x convention) are ours: HF has none. Local
-attention stays within a segment (like flaxformer's LongT5). For transient-global, blocks
-are counted from each segment's start (positions restart per segment), orphans join the
-segment's last full block, global tokens are numbered consecutively over the row, and a
-token attends only to globals of its own segment. With `segment_ids=None` this is exactly
-HF's rule above.
+Packed inputs (`segment_ids`, seqio/t5x convention) are ours: transformers has none.
+Local attention stays within a segment; transient-global blocks are counted from each
+segment's start and a token attends only to its own segment's globals.
 """
-
 from typing import Any
 
 import flax.linen as nn

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from colt5_flax.data import synthetic, tasks, vocabularies
 
-LOCAL_RADIUS = 127  # CoLT5's light attention (SPEC §1.3)
+LOCAL_RADIUS = 127  # CoLT5's light attention (docs/paper.md, Model)
 
 # The test's own reading of the format: facts "[KEY:VALUE]", question "\nQ: KEY?" at the end.
 FACT = re.compile(r"\[([A-Z]+):([A-Z0-9]+)\]")
