@@ -227,13 +227,26 @@ def _skip_reason(row: Mapping, split: str) -> str | None:
   return None
 
 
-def _kept_rows(rows: Iterable[dict], task_label: str, split: str) -> Iterator[dict]:
-  """Drops empty rows, counting and logging each (the first few with their location)."""
+def _no_rows_message(task_label: str, split: str, source: str) -> str:
+  return (
+      f"{task_label}/{split}: {source or 'the data'} has no usable rows (the file is empty, "
+      "or every row has an empty input or output; see the warnings above)"
+  )
+
+
+def _kept_rows(
+    rows: Iterable[dict], task_label: str, split: str, *, count_only: bool = False
+) -> Iterator[dict]:
+  """Drops empty rows, counting and logging each (the first few with their location).
+
+  With `count_only`, yields None per kept row but reads (and checks) every row, so the
+  caller can count them without holding them.
+  """
   skipped_here = collections.Counter()
   for row in rows:
     reason = _skip_reason(row, split)
     if reason is None:
-      yield row
+      yield None if count_only else row
       continue
     skipped_here[reason] += 1
     if sum(skipped_here.values()) <= _MAX_SKIP_WARNINGS:
@@ -264,33 +277,45 @@ def _example(row: Mapping, references: list[str]) -> dict:
 
 
 def examples_from_rows(
-    open_rows: Callable[[], Iterable[dict]], split: str, task_label: str
+    open_rows: Callable[[], Iterable[dict]], split: str, task_label: str, source: str = ""
 ) -> Callable[[], Iterator[dict]]:
   """Turns official rows into examples; a generator factory for `from_generator`.
 
-  Training splits keep one example per row. Validation/test splits group rows by `id`:
-  a first pass (run now, so bad files fail here with a plain ValueError) collects each
-  id's references in file order; the generator then yields each id once, where it first
-  appears, with `targets` = its first reference and `references` = all of them.
+  A first pass over the rows runs now, so that a bad file fails here, once, with a plain
+  ValueError naming file:line (inside tf.data the error would be reported at every
+  retry), and a file without a usable row fails naming the file. Training splits then
+  keep one example per row. Validation/test splits group rows by `id`: the first pass
+  collects each id's references in file order; the generator yields each id once, where
+  it first appears, with `targets` = its first reference and `references` = all of them.
 
   Args:
-    open_rows: returns a fresh iterator over the rows (called once or twice).
+    open_rows: returns a fresh iterator over the rows (called twice).
     split: the split name (slices like 'validation[:10]' allowed).
     task_label: the name used in logs and counters.
+    source: the file (or TFDS dataset) read, for the error on an empty one.
 
   Returns:
     a function returning an iterator of examples
     `{'id', 'inputs', 'targets': str, 'references': list[str]}`.
+
+  Raises:
+    ValueError: a malformed row (file:line), or no usable row at all.
   """
   if _split_name(split) not in _GROUPED_SPLITS:
+    # The whole file is read (and each line checked), holding no row.
+    if not sum(1 for _ in _kept_rows(open_rows(), task_label, split, count_only=True)):
+      raise ValueError(_no_rows_message(task_label, split, source))
 
     def ungrouped():
-      for row in _kept_rows(open_rows(), task_label, split):
-        yield _example(row, [row["output"]])
+      for row in open_rows():
+        if _skip_reason(row, split) is None:  # skipped rows were logged in the first pass
+          yield _example(row, [row["output"]])
 
     return ungrouped
 
   references_of = _group_references(_kept_rows(open_rows(), task_label, split))
+  if not references_of:
+    raise ValueError(_no_rows_message(task_label, split, source))
 
   def grouped():
     seen = set()
@@ -320,7 +345,9 @@ def _dataset_from_examples(make_examples: Callable[[], Iterator[dict]]) -> tf.da
 def _tfds_dataset_fn(split, shuffle_files, seed=None, *, config, tfds_data_dir, task_label):
   data_dir = tfds_data_dir or seqio.utils._get_data_dir_override(tfds_name(config))  # pylint: disable=protected-access
   open_rows = functools.partial(tfds_rows, config, split, data_dir, shuffle_files, seed)
-  return _dataset_from_examples(examples_from_rows(open_rows, split, task_label))
+  return _dataset_from_examples(
+      examples_from_rows(open_rows, split, task_label, source=tfds_name(config))
+  )
 
 
 def _local_dataset_fn(split, shuffle_files, seed=None, *, config, data_dir, task_label):
@@ -332,7 +359,8 @@ def _local_dataset_fn(split, shuffle_files, seed=None, *, config, data_dir, task
         f"register_scrolls_local_tasks or set {DATA_DIR_ENV}"
     )
   open_rows = functools.partial(local_rows, data_dir, config, split)
-  return _dataset_from_examples(examples_from_rows(open_rows, split, task_label))
+  _, source = _open_local_split(data_dir, config, split)
+  return _dataset_from_examples(examples_from_rows(open_rows, split, task_label, source))
 
 
 # -------------------------------------------------------------- seqio preprocessing
