@@ -80,6 +80,8 @@ def load_hf_model(hf_dir: str):
     raise FileNotFoundError(
         f"{hf_dir} holds none of {_SAFETENSORS + _PICKLED}; files: {sorted(files)}"
     )
+  if use_safetensors:
+    _check_safetensors(hf_dir, files)
   config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
   classes = {
       "t5": transformers.T5ForConditionalGeneration,
@@ -98,6 +100,39 @@ def load_hf_model(hf_dir: str):
       weights_only=True,
   )
   return model.eval()
+
+
+def _check_safetensors(hf_dir: str, files: set[str]) -> None:
+  """Opens every safetensors file of `hf_dir` and reads each tensor's header.
+
+  transformers' error for a truncated or corrupted file does not name the file.
+
+  Raises:
+    ValueError: naming the file that cannot be read (or the index's missing shard).
+  """
+  import json
+
+  from safetensors import safe_open
+
+  if "model.safetensors" in files:
+    names = ["model.safetensors"]
+  else:
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    with open(index) as f:
+      names = sorted(set(json.load(f).get("weight_map", {}).values()))
+  for name in names:
+    path = os.path.join(hf_dir, name)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} (listed in model.safetensors.index.json) does not exist")
+    try:
+      with safe_open(path, framework="np") as weights:
+        for key in weights.keys():
+          weights.get_slice(key)
+    except Exception as error:  # noqa: BLE001 -- safetensors raises its own SafetensorError
+      raise ValueError(
+          f"Cannot read {path}: {type(error).__name__}: {error} (a truncated or partial "
+          "download? save_pretrained or download it again)"
+      ) from error
 
 
 # T5's SentencePiece model (32000 pieces + 100 extra ids), padded to 32128 embedding rows.
