@@ -56,20 +56,30 @@ def train_batches(
     batch_size: int,
     *,
     seed: int,
-    shard_info: seqio.ShardInfo,
+    shard_info: seqio.ShardInfo | None = None,
     pack: bool = False,
     use_cached: bool = False,
     shuffle: bool = True,
     skip_batches: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """This host's training batches `[batch_size / num_hosts, length]`, endlessly repeated.
+  """The global training batches `[batch_size, length]`, endlessly repeated.
+
+  Every host reads the same global stream and keeps its own rows of each batch (the
+  trainer places them with `Partitioner.shard_global_batch`), so a global batch holds the
+  same examples whatever the number of hosts: a job checkpointed on N hosts resumes on M
+  with the same data order (docs/multihost.md; seqio's per-host `shard_info` would give
+  each host count a different stream).
 
   Deterministic for a given seed (seqio shuffles and seeds its preprocessors from it), so
-  `skip_batches` (the `batches_consumed` of a checkpoint) resumes exactly where an
-  interrupted run stopped. Skipping replays the preprocessing of the skipped batches; it
-  never reaches the model.
+  `skip_batches` (the `batches_consumed` of a checkpoint, counted in global batches)
+  resumes exactly where an interrupted run stopped. Skipping replays the preprocessing of
+  the skipped batches; it never reaches the model.
+
+  Args:
+    shard_info: None for the global batch; `ShardInfo(index, num_shards)` for the
+      contiguous rows `[index * b, (index + 1) * b)`, `b = batch_size / num_shards`, of
+      each global batch (a host's rows on a mesh whose hosts hold contiguous rows).
   """
-  local_batch_size = batch_size // shard_info.num_shards
   dataset = seqio.get_dataset(
       mixture_or_task_name,
       task_feature_lengths=dict(task_feature_lengths),
@@ -78,13 +88,16 @@ def train_batches(
       use_cached=use_cached,
       shuffle=shuffle,
       num_epochs=None,
-      shard_info=shard_info,
       verbose=False,
       seed=seed,
   )
-  dataset = dataset.batch(local_batch_size, drop_remainder=True)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
   if skip_batches:
     dataset = dataset.skip(skip_batches)
+  if shard_info is not None and shard_info.num_shards > 1:
+    rows = batch_size // shard_info.num_shards
+    start = shard_info.index * rows
+    dataset = dataset.map(lambda batch: {k: v[start : start + rows] for k, v in batch.items()})
   return dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
@@ -253,6 +266,8 @@ def train(
       seed=seed,
   )
   trainer.abstract_state  # noqa: B018 -- parameter shardings checked (shapes only)
+  gin_utils.check_ablations_apply()  # the model is built: gin knows what it read
+  _log_topology(partitioner, batch_size)
 
   is_chief = jax.process_index() == 0
   model_path = epath.Path(model_dir)
@@ -284,10 +299,12 @@ def train(
   with _Preemption(checkpointer) as preemption:
     try:
       # -- State: resume, fine-tune, or start fresh -------------------------------------
-      latest_step = checkpointer.latest_step()
-      if latest_step is not None:
+      # Leftovers of a save cut short would block their step and count as kept.
+      checkpointer.remove_incomplete()
+      restored = checkpointer.restore_latest(trainer.abstract_state)
+      if restored is not None:
+        latest_step, state, data_position = restored
         logging.info("Resuming from %s/checkpoint_%d", model_dir, latest_step)
-        state, data_position = checkpointer.restore(latest_step, trainer.abstract_state)
         _warn_if_data_changed(data_position, mixture_or_task_name, batch_size, seed)
       elif initial_checkpoint_path:
         logging.info("Initialising parameters from %s", initial_checkpoint_path)
@@ -318,7 +335,6 @@ def train(
           task_feature_lengths,
           batch_size,
           seed=seed,
-          shard_info=partitioner.host_shard_info(),
           pack=pack,
           use_cached=use_cached,
           shuffle=shuffle,
@@ -337,9 +353,9 @@ def train(
       for step in range(start_step, train_steps):
         if preemption.check(step):
           break
-        local_batch = next(batches)
-        model.validate_batch(local_batch)
-        state, metrics = trainer.train_step(state, partitioner.shard_batch(local_batch))
+        global_batch = next(batches)
+        model.validate_batch(global_batch)
+        state, metrics = trainer.train_step(state, partitioner.shard_global_batch(global_batch))
         batches_consumed += 1
         if unchecked is not None:
           # The previous step's loss: checked while this step runs on the devices.
@@ -408,11 +424,31 @@ def train(
         )
       return state
     finally:
+      # Drop the input pipeline now. An exception's traceback keeps this frame, and with
+      # it the tf.data iterator, alive until interpreter shutdown, where destroying it
+      # (its generator needs the GIL) hung the exiting process in some runs.
+      batches = None  # noqa: F841
       # A failed run (e.g. a non-finite loss) saves nothing here: in-flight saves of
       # earlier, finite states complete, and the latest complete checkpoint stays.
       checkpointer.close()
       train_writer.close()
       eval_writer.close()
+
+
+def _log_topology(partitioner: partitioning.Partitioner, batch_size: int) -> None:
+  """What t5x users look for first: the mesh, the processes, and each host's rows."""
+  mesh = partitioner.mesh
+  local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  local_slices = partitioner.data_sharding.addressable_devices_indices_map((batch_size,))
+  local_rows = len({index[0].indices(batch_size) for index in local_slices.values()}) * (
+      batch_size // partitioner.data_parallel_size
+  )
+  logging.info(
+      "Mesh %s over %d %s devices, %d process(es) (this is process %d, %d local devices); "
+      "global batch %d, %d rows per host",
+      dict(mesh.shape), mesh.devices.size, mesh.devices.flat[0].platform,
+      jax.process_count(), jax.process_index(), len(local_devices), batch_size, local_rows,
+  )
 
 
 def _summarize(window: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
