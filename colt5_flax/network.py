@@ -37,9 +37,10 @@ REMAT_POLICIES = {
 }
 
 
-def _dropout(rate: float) -> nn.Dropout:
-  # t5x drops whole embedding vectors' coordinates identically along the length axis.
-  return nn.Dropout(rate=rate, broadcast_dims=(-2,))
+def _dropout(rate: float, *, broadcast_length: bool = True) -> nn.Dropout:
+  """t5x's T5.1.1 dropout: on embeddings and residual branches one mask per (example,
+  feature), shared along the length axis; the encoder's final dropout is elementwise."""
+  return nn.Dropout(rate=rate, broadcast_dims=(-2,) if broadcast_length else ())
 
 
 class EncoderLayer(nn.Module):
@@ -295,7 +296,9 @@ class Encoder(nn.Module):
         static_argnums=(5,),
     )
     x = RMSNorm(dtype=self.dtype, name="encoder_norm")(x)
-    return _dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
+    return _dropout(self.dropout_rate, broadcast_length=False)(
+        x, deterministic=not enable_dropout
+    )
 
 
 class Decoder(nn.Module):
@@ -425,10 +428,12 @@ class EncoderDecoder(nn.Module):
     self.encoder = self.encoder_factory(name="encoder")
     self.decoder = self.decoder_factory(name="decoder")
     if not self.logits_via_embedding:
+      # float32 whatever the activation dtype (t5x's `logits_dense`): in bfloat16 a
+      # logit near 20 would round in steps of 0.125.
       self.logits_dense = nn.DenseGeneral(
           features=self.vocab_size,
           use_bias=False,
-          dtype=self.dtype,
+          dtype=jnp.float32,
           param_dtype=self.param_dtype,
           kernel_init=nn.with_logical_partitioning(
               nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
@@ -518,12 +523,14 @@ class EncoderDecoder(nn.Module):
         enable_dropout=enable_dropout,
         decode=decode,
     )
+    # The output projection runs in float32 whatever the activation dtype (t5x).
+    states = jnp.asarray(states, jnp.float32)
     if self.logits_via_embedding:
       # T5 v1.0 rescales before the tied projection.
-      logits = self.token_embedder.attend(states * self.embed_dim**-0.5)
+      embedding = jnp.asarray(self.token_embedder.embedding, jnp.float32)
+      logits = (states * self.embed_dim**-0.5) @ embedding.T
     else:
       logits = self.logits_dense(states)
-    logits = jnp.asarray(logits, jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def __call__(

@@ -47,7 +47,9 @@ def dot_product_attention(
     mask: bool, broadcastable to [*batch, heads, q, k]; True where attending is allowed.
       A query whose row is all False gets an output of exactly 0.
     dropout_rng: PRNG key for attention-weight dropout.
-    dropout_rate: dropout on the attention weights (T5 applies it there).
+    dropout_rate: dropout on the attention weights (T5 applies it there), one mask per
+      (batch, head, key) shared by all queries, as t5x's T5.1.1 (blocked local attention:
+      per block).
     deterministic: disables dropout.
     dtype: dtype of the returned activations.
 
@@ -83,7 +85,9 @@ def dot_product_attention(
   if not deterministic and dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng")
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    # t5x's T5.1.1: one mask per (example, head, key), shared by every query.
+    keep_shape = (*weights.shape[:-2], 1, weights.shape[-1])
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   weights = jnp.asarray(weights, dtype).reshape(*batch_dims, num_kv_heads, groups, q_len, k_len)
   out = jnp.einsum("...hgqk,...khd->...qhgd", weights, jnp.asarray(value, dtype))

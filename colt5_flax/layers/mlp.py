@@ -34,7 +34,8 @@ class GatedMlp(nn.Module):
   Attributes:
     hidden_dim: width of the hidden layer (T5-B: 2048; CoLT5-B light 1024, heavy 8192).
     dtype: activation dtype.
-    dropout_rate: dropout on the hidden activations (T5 applies it there).
+    dropout_rate: dropout on the hidden activations (T5 applies it there), one mask per
+      example and hidden unit shared along the length (t5x's T5.1.1).
     activation: one of "gelu" (tanh approximation, T5.1.1), "gelu_exact", "relu", "silu".
     hidden_axis_name: logical axis of the hidden dimension, for sharding rules.
   """
@@ -78,6 +79,9 @@ class GatedMlp(nn.Module):
     linear = x @ kernel("wi_1", (features, self.hidden_dim), hidden_axes)
     hidden = _ACTIVATIONS[self.activation](gate) * linear
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", self.hidden_axis_name))
-    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=not enable_dropout)
+    # t5x's T5.1.1 MlpBlock: one mask per (example, hidden unit), shared along the length.
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+        hidden, deterministic=not enable_dropout
+    )
     out = hidden @ kernel("wo", (self.hidden_dim, features), (self.hidden_axis_name, "embed"))
     return out

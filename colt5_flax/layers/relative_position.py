@@ -106,7 +106,7 @@ class RelativePositionBias(nn.Module):
   bidirectional: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  # T5's initialiser for the table (unit-variance fan-in over the buckets).
+  # t5x's initialiser for the table: uniform, variance 1 / fan_avg of [heads, buckets].
   embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
   def setup(self):
