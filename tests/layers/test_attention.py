@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers import attention
+from tests import tolerances
 
 
 def _numpy_attention(query, key, value, bias=None, mask=None):
-  """Per-(batch, head, query) loop; `kv_heads` groups of consecutive query heads."""
+  """Per-(batch, head, query) loop in float64; `kv_heads` groups of consecutive heads."""
+  query, key, value = (np.asarray(a, np.float64) for a in (query, key, value))
   batch, q_len, heads, _ = query.shape
   kv_heads = key.shape[2]
   out = np.zeros(query.shape, np.float64)
@@ -47,7 +49,8 @@ def test_kernel_matches_numpy(kv_heads):
   mask[1, 0, 2, :] = False  # One query row that may attend to nothing.
   got = attention.dot_product_attention(query, key, value, bias=bias, mask=mask)
   expected = _numpy_attention(query, key, value, bias, mask)
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  # Against float64 (tests/tolerances.py): 7 keys; q·k, then weights·v.
+  tolerances.assert_close(got, expected, num_terms=7, depth=2)
   assert np.all(np.asarray(got)[1, 2] == 0.0)
 
 
@@ -65,7 +68,7 @@ def test_kernel_extra_leading_dims_and_no_nan_gradient():
   assert np.isfinite(value) and np.all(np.isfinite(np.asarray(grad)))
   expected = _numpy_attention(query[0, 1:2], key[0, 1:2], key[0, 1:2])[0]
   got = attention.dot_product_attention(query, key, key, mask=mask)
-  np.testing.assert_allclose(np.asarray(got)[0, 1], expected, rtol=1e-5, atol=1e-5)
+  tolerances.assert_close(np.asarray(got)[0, 1], expected, num_terms=6, depth=2)
   np.testing.assert_array_equal(np.asarray(got)[1], 0.0)
 
 
@@ -84,7 +87,14 @@ def test_kernel_bfloat16_softmax_in_float32():
   expected = _numpy_attention(
       *(np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (query, key, value))
   )
-  np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=5e-2)
+  # Logits and softmax in float32 (exact enough: |logits| ~ 50 carry 1e-5 of error), then
+  # two roundings to bfloat16 of quantities bounded by max|value|: the weights (summing
+  # to 1) and the output. tests/tolerances.py with n = 1, depth 2, relative to max|value|.
+  # A bfloat16 softmax would round logits of ~50 by ~0.2 and move the output by ~0.2·|v|.
+  tolerances.assert_close(
+      np.asarray(got, np.float32), expected, num_terms=1, depth=2, dtype=jnp.bfloat16,
+      scale=np.abs(value).max(),
+  )
 
 
 def test_kernel_rejects_bad_head_grouping():
@@ -114,12 +124,14 @@ def test_multi_head_attention_matches_numpy(num_kv_heads):
       np.ones((2, 5), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
   )
   got = module.apply(variables, inputs_q, inputs_kv, mask=mask)
+  inputs_q, inputs_kv = inputs_q.astype(np.float64), inputs_kv.astype(np.float64)
   query = np.einsum("bqe,ehd->bqhd", inputs_q, p["query"]["kernel"])
   key = np.einsum("bke,ehd->bkhd", inputs_kv, p["key"]["kernel"])
   value = np.einsum("bke,ehd->bkhd", inputs_kv, p["value"]["kernel"])
   attended = _numpy_attention(query, key, value, mask=np.asarray(mask))
-  expected = np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"])
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+  expected = np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"].astype(np.float64))
+  # Projections in and out around the kernel: depth 4; the widest sum is heads × head_dim.
+  tolerances.assert_close(got, expected, num_terms=12, depth=4)
   kv_shape = (6, 4 if num_kv_heads is None else 1, 3)
   assert p["key"]["kernel"].shape == kv_shape
 
@@ -160,7 +172,8 @@ def test_decode_cache_matches_causal_attention(num_kv_heads):
     )
     cache = mutated["cache"]
     outputs.append(out)
-  np.testing.assert_allclose(
-      np.concatenate(outputs, axis=1), np.asarray(full), rtol=1e-5, atol=1e-5
+  # Two float32 programs (one key at a time vs all at once): programs=2, depth 4.
+  tolerances.assert_close(
+      np.concatenate(outputs, axis=1), full, num_terms=8, depth=4, programs=2
   )
   assert int(cache["kv_cache"]["cache_index"]) == length

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers import local_attention as la
+from tests import tolerances
 
 EMBED, HEADS, HEAD_DIM = 16, 2, 4
 NUM_BUCKETS, MAX_DISTANCE = 8, 16  # Small, so that short distances reach the log buckets.
@@ -55,8 +56,9 @@ def _attend_by_hand(x, keys_in, params, bias, allowed):
   """Full softmax attention, one query at a time.
 
   x [b, n, e] queries' inputs; keys_in [b, m, e] key/value inputs; bias [b, h, n, m];
-  allowed bool [b, n, m]. A query that may attend to nothing outputs 0.
+  allowed bool [b, n, m]. A query that may attend to nothing outputs 0. In float64.
   """
+  x, keys_in = np.asarray(x, np.float64), np.asarray(keys_in, np.float64)
   batch, length, _ = x.shape
   out = np.zeros((batch, length, params["out"].shape[-1]))
   for b in range(batch):
@@ -107,6 +109,7 @@ def _global_blocks_by_hand(mask_row, segment_row, block_size):
 def _tglobal_reference(x, params, table, global_table, mask, segment_ids, radius):
   """Brute force: band keys as `_local_reference`, plus one key per global block (the
   RMS-normed sum of its tokens) with the side bias of (global index − own block)."""
+  x = np.asarray(x, np.float64)
   batch, length, _ = x.shape
   num_globals = length // GLOBAL_BLOCK
   positions = np.arange(length)
@@ -223,6 +226,19 @@ def _inputs(length, *, padded, packed, seed=0):
   return x, mask, segment_ids
 
 
+def _assert_close(got, expected, *, kind, length):
+  """One float32 layer against a float64 reference (tests/tolerances.py).
+
+  Width: the widest contraction, the embedding or the keys a query sees (at most the
+  length, plus the global tokens). Depth: project in, q·k, weights·v, project out; the
+  transient-global keys add their block sum and its RMS norm.
+  """
+  tolerances.assert_close(
+      got, expected, num_terms=max(EMBED, length + length // GLOBAL_BLOCK),
+      depth=6 if kind == "tglobal" else 4,
+  )
+
+
 # ----------------------------------------------------------------------------- local
 
 
@@ -242,7 +258,7 @@ def test_local_matches_masked_full_attention(layers, tables, radius, length, pad
       segment_ids=segment_ids if packed else None,
   )
   expected = _local_reference(x, layer.params, tables[0], mask, segment_ids, radius)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  _assert_close(got, expected, kind="local", length=length)
   assert np.all(got[~mask] == 0.0)
 
 
@@ -252,7 +268,7 @@ def test_local_without_bias_table(layers):
   got = layer(x, rel_embedding=None, mask=mask)
   zero_table = np.zeros((HEADS, NUM_BUCKETS), np.float32)
   expected = _local_reference(x, layer.params, zero_table, mask, segment_ids, 3)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  _assert_close(got, expected, kind="local", length=12)
 
 
 # ----------------------------------------------------------------------------- transient-global
@@ -276,7 +292,7 @@ def test_tglobal_matches_brute_force(layers, tables, radius, length, padded, pac
   expected = _tglobal_reference(
       x, layer.params, tables[0], tables[1], mask, segment_ids, radius
   )
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  _assert_close(got, expected, kind="tglobal", length=length)
   assert np.all(got[~mask] == 0.0)
 
 
@@ -290,7 +306,7 @@ def test_tglobal_without_one_bias_table(layers, tables, missing):
   zero = np.zeros((HEADS, NUM_BUCKETS), np.float32)
   table, global_table = (zero, tables[1]) if missing == "rel_embedding" else (tables[0], zero)
   expected = _tglobal_reference(x, layer.params, table, global_table, mask, segment_ids, 3)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  _assert_close(got, expected, kind="tglobal", length=14)
 
 
 def test_global_block_ids_by_hand():
@@ -345,30 +361,24 @@ def _copy_weights_to_hf(hf_layer, params, table, global_table=None):
       hf_layer.global_input_layer_norm.weight.copy_(torch.from_numpy(params["scale"].copy()))
 
 
-def _assert_close_to_hf(got, expected):
-  # Relative 1e-5 of the output's scale: a float32 entry that is a small difference of
-  # O(scale) terms only keeps absolute precision.
-  scale = np.abs(expected).max()
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize("radius,length", [(3, 14), (9, 40)])
 def test_local_matches_transformers(layers, tables, radius, length):
   torch = pytest.importorskip("torch")
   hf = pytest.importorskip("transformers.models.longt5.modeling_longt5")
   layer = layers("local", radius)
   hf_layer = hf.LongT5LocalAttention(_hf_config(radius), has_relative_attention_bias=True)
-  hf_layer.float().eval()
+  # In float64, with our float32 weights: the reference carries no rounding of its own.
+  hf_layer.double().eval()
   _copy_weights_to_hf(hf_layer, jax.tree.map(np.float32, layer.params), tables[0])
 
   x, mask, _ = _inputs(length, padded=True, packed=False, seed=3)
   # LongT5Stack hands local layers the blocked mask it builds from attention_mask.
   hf_mask = hf._get_local_attention_mask(torch.from_numpy(mask), radius + 1, "cpu")
   with torch.no_grad():
-    expected = hf_layer(torch.from_numpy(x), mask=hf_mask)[0].numpy()
+    expected = hf_layer(torch.from_numpy(x).double(), mask=hf_mask)[0].numpy()
   got = layer(x, rel_embedding=tables[0], mask=mask)
   # Padding queries are don't-care (HF averages over masked keys, we output 0).
-  _assert_close_to_hf(got[mask], expected[mask])
+  _assert_close(got[mask], expected[mask], kind="local", length=length)
 
 
 @pytest.mark.parametrize("radius,length", [(3, 14), (3, 16), (9, 40)])
@@ -378,16 +388,18 @@ def test_tglobal_matches_transformers(layers, tables, radius, length):
   layer = layers("tglobal", radius)
   config = _hf_config(radius, encoder_attention_type="transient-global")
   hf_layer = hf.LongT5TransientGlobalAttention(config, has_relative_attention_bias=True)
-  hf_layer.float().eval()
+  hf_layer.double().eval()
   _copy_weights_to_hf(hf_layer, jax.tree.map(np.float32, layer.params), *tables)
 
   x, mask, _ = _inputs(length, padded=True, packed=False, seed=4)
   with torch.no_grad():
     # The stack passes transient-global layers the raw [batch, length] attention mask.
-    expected = hf_layer(torch.from_numpy(x), mask=torch.from_numpy(mask.astype(np.float32)))
+    expected = hf_layer(
+        torch.from_numpy(x).double(), mask=torch.from_numpy(mask.astype(np.float64))
+    )
     expected = expected[0].numpy()
   got = layer(x, rel_embedding=tables[0], global_rel_embedding=tables[1], mask=mask)
-  _assert_close_to_hf(got[mask], expected[mask])
+  _assert_close(got[mask], expected[mask], kind="tglobal", length=length)
 
 
 @pytest.mark.parametrize("length", [3, 14, 16, 37])
@@ -425,7 +437,12 @@ def test_bfloat16_finite_and_all_padding_row(layers, tables, kind):
   assert np.all(np.isfinite(got))
   assert np.all(got[0] == 0.0)
   expected = layer32(x, **kwargs)
-  np.testing.assert_allclose(got[mask], expected[mask], rtol=0.1, atol=0.1)
+  # bfloat16 activations, float32 sums (tests/tolerances.py with n = 1): six roundings to
+  # bfloat16 in sequence (input, q, k, v, weights, output; the global keys' norm besides).
+  tolerances.assert_close(
+      got[mask], expected[mask], num_terms=1, depth=7 if kind == "tglobal" else 6,
+      dtype=jnp.bfloat16,
+  )
 
 
 def test_dropout_uses_rng_and_is_off_by_default():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers.mlp import GatedMlp
+from tests import tolerances
 
 
 def _gelu_tanh(x):
@@ -20,9 +21,11 @@ def test_gated_mlp_matches_numpy():
   wi_0 = rng.normal(size=(6, 10)).astype(np.float32) * 0.3
   wi_1 = rng.normal(size=(6, 10)).astype(np.float32) * 0.3
   wo = rng.normal(size=(10, 6)).astype(np.float32) * 0.3
-  expected = (_gelu_tanh(x @ wi_0) * (x @ wi_1)) @ wo
+  x64, wi_0_64, wi_1_64, wo_64 = (a.astype(np.float64) for a in (x, wi_0, wi_1, wo))
+  expected = (_gelu_tanh(x64 @ wi_0_64) * (x64 @ wi_1_64)) @ wo_64
   got = GatedMlp(hidden_dim=10).apply({"params": {"wi_0": wi_0, "wi_1": wi_1, "wo": wo}}, x)
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  # Against float64 (tests/tolerances.py): wi, the GELU and the product, then wo (10 terms).
+  tolerances.assert_close(got, expected, num_terms=10, depth=3)
 
 
 def test_gated_mlp_matches_transformers_gelu_new():
@@ -30,8 +33,10 @@ def test_gated_mlp_matches_transformers_gelu_new():
   from transformers.activations import NewGELUActivation
 
   x = np.linspace(-5, 5, 101).astype(np.float32)
-  reference = NewGELUActivation()(torch.from_numpy(x)).numpy()
-  np.testing.assert_allclose(np.asarray(jax.nn.gelu(x, approximate=True)), reference, atol=1e-6)
+  reference = NewGELUActivation()(torch.from_numpy(x).double()).numpy()  # float64
+  # Elementwise, about five float32 operations in sequence (cube, multiply-add, tanh, 1 +,
+  # product): tests/tolerances.py with n = 1.
+  tolerances.assert_close(jax.nn.gelu(x, approximate=True), reference, num_terms=1, depth=5)
 
 
 def test_gated_mlp_parameter_axes_and_dropout():

@@ -5,15 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from colt5_flax.layers.normalization import RMSNorm
+from tests import tolerances
 
 
 def test_rms_norm_matches_numpy():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 8)).astype(np.float32) * 3.0
   scale = rng.normal(size=(8,)).astype(np.float32)
-  expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale
+  x64 = x.astype(np.float64)
+  expected = x64 / np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + 1e-6) * scale
   got = RMSNorm().apply({"params": {"scale": scale}}, x)
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  # Against float64 (tests/tolerances.py): the mean of 8 squares, its rsqrt, two products.
+  tolerances.assert_close(got, expected, num_terms=8, depth=3)
 
 
 def test_rms_norm_bfloat16_output_float32_statistics():
@@ -23,7 +26,12 @@ def test_rms_norm_bfloat16_output_float32_statistics():
   params = module.init(jax.random.PRNGKey(0), x)
   y = module.apply(params, x)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y, np.float32), 1.0, rtol=1e-2)
+  # Statistics in float32 are exact here (4096 × 9); only the output rounds to bfloat16,
+  # by half an ulp: one eps (tests/tolerances.py, slack 1) is the bound. Summed in bfloat16,
+  # 9s stall once the sum's spacing passes 18, and the output lands far above 1.
+  tolerances.assert_close(
+      np.asarray(y, np.float32), np.ones(y.shape), num_terms=1, dtype=jnp.bfloat16, slack=1
+  )
 
 
 def test_rms_norm_zero_input_is_finite():
