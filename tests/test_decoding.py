@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from colt5_flax import decoding
+from tests import tolerances
 
 PAD, EOS = 0, 1
 FORBIDDEN = -1e9  # logit of the pad token: like a real model, the chain never generates it
@@ -86,6 +87,22 @@ class MarkovChain:
     logits = self.table[position, prev_token, cur_token].astype(np.float64)
     logits = logits + self.row_bias[example]
     return logits - np.logaddexp.reduce(logits)
+
+
+def assert_log_probs_close(chain, got, expected, *, length=None):
+  """float32 sums of per-token log-probs against numpy's float64 ones (tests/tolerances.py).
+
+  Each token's log-prob is a log-softmax over the vocabulary (max, sum of exps, log,
+  subtract: depth 3) of logits up to max|logit|, which sets the size of its error even when
+  the log-prob itself is near 0; `length` (the array's, by default) tokens add up.
+  """
+  length = SAMPLE_LENGTH if length is None else length
+  real = chain.table[chain.table > FORBIDDEN / 2]
+  max_logit = np.abs(real).max() + np.abs(chain.row_bias).max()
+  tolerances.assert_close(
+      got, expected, num_terms=max(chain.vocab_size, length), depth=3,
+      scale=length * max_logit,
+  )
 
 
 def random_chain(seed, vocab_size, max_len, batch_size, *, logit_scale=1.0, eos_bias=0.0):
@@ -278,7 +295,7 @@ def test_greedy_matches_numpy_argmax_loop(chain, sampler):
   assert sequences.shape == (3, 1, SAMPLE_LENGTH)
   np.testing.assert_array_equal(sequences[:, 0], expected)
   # Not rescaled: the model's own log-probability of the greedy sequence.
-  np.testing.assert_allclose(log_probs[:, 0], expected_log_probs, rtol=1e-5, atol=1e-5)
+  assert_log_probs_close(chain, log_probs[:, 0], expected_log_probs)
   # The loop stops when the last row ends, not at the full length.
   assert calls == expected_calls
   # Rescaled (t5x's default): greedy is a point mass, every token scores 0.
@@ -294,7 +311,7 @@ def test_eos_inside_the_prompt_does_not_end_decoding(chain, sampler):
   assert np.count_nonzero(expected[2, 2:]), "the test needs tokens after the prompt's EOS"
   (sequences, log_probs), _ = sampler(prompts, temperature=0.0, rescale_log_probs=False)
   np.testing.assert_array_equal(sequences[:, 0], expected)
-  np.testing.assert_allclose(log_probs[:, 0], expected_log_probs, rtol=1e-5, atol=1e-5)
+  assert_log_probs_close(chain, log_probs[:, 0], expected_log_probs)
 
 
 def test_decoding_stops_when_all_rows_end_with_eos(sampler):
@@ -383,7 +400,7 @@ def test_per_example_temperature_array(chain, sampler):
   for example in (1, 2):
     for tokens, log_prob in zip(sequences[example], log_probs[example], strict=True):
       expected_log_prob, _ = np_sequence_log_prob(chain, example, SAMPLE_PROMPTS[example], tokens)
-      np.testing.assert_allclose(log_prob, expected_log_prob, rtol=1e-5, atol=1e-5)
+      assert_log_probs_close(chain, log_prob, expected_log_prob)
 
 
 @pytest.mark.parametrize(
@@ -415,7 +432,7 @@ def test_sampling_matches_the_chain(chain, sampler, filters):
   for example in range(3):
     for tokens, log_prob in zip(sequences[example, ::25], log_probs[example, ::25], strict=True):
       expected, _ = np_sequence_log_prob(chain, example, SAMPLE_PROMPTS[example], tokens, **filters)
-      np.testing.assert_allclose(log_prob, expected, rtol=1e-5, atol=1e-5)
+      assert_log_probs_close(chain, log_prob, expected)
     assert np.all(np.isfinite(log_probs[example]))
 
   # Row 0 has no prompt: its first token is a sample of position 1.
@@ -468,7 +485,9 @@ def test_exhaustive_beam_search_equals_brute_force(beam_chain, cache_offset):
     expected_sequences = np.stack([tokens for tokens, _ in hypotheses])[::-1]  # best last
     expected_scores = np.array([score for _, score in hypotheses])[::-1]
     np.testing.assert_array_equal(sequences[example, -found:], expected_sequences)
-    np.testing.assert_allclose(scores[example, -found:], expected_scores, rtol=1e-5, atol=1e-5)
+    assert_log_probs_close(
+        beam_chain, scores[example, -found:], expected_scores, length=BEAM_MAX_LEN
+    )
     # Slots no sequence could fill come first and say so with a NEG_INF score.
     assert np.all(scores[example, :-found] <= decoding.NEG_INF)
   assert found < EXHAUSTIVE_BEAMS
@@ -501,7 +520,7 @@ def test_one_beam_without_length_penalty_equals_greedy():
       SAMPLE_PROMPTS, peaked.cache(), peaked.tokens_to_logits, eos_id=EOS, num_decodes=1, alpha=0.0
   )
   np.testing.assert_array_equal(sequences[:, 0], expected)
-  np.testing.assert_allclose(scores[:, 0], expected_log_probs, rtol=1e-5, atol=1e-5)
+  assert_log_probs_close(peaked, scores[:, 0], expected_log_probs)
 
 
 def test_beam_search_terminates_early_and_pads_after_eos():
@@ -523,11 +542,13 @@ def test_beam_search_terminates_early_and_pads_after_eos():
         eos_chain, example, prompts[example], max_len=max_len, alpha=alpha
     )[0]
     np.testing.assert_array_equal(sequences[example, -1], best_tokens)
-    np.testing.assert_allclose(scores[example, -1], best_score, rtol=1e-5)
+    assert_log_probs_close(eos_chain, scores[example, -1], best_score, length=max_len)
     # Every returned score is its own sequence's length-normalised log-prob.
     for tokens, score in zip(sequences[example], scores[example], strict=True):
       log_prob, length = np_sequence_log_prob(eos_chain, example, prompts[example], tokens)
-      np.testing.assert_allclose(score, log_prob / ((5.0 + length) / 6.0) ** alpha, rtol=1e-5)
+      assert_log_probs_close(
+          eos_chain, score, log_prob / ((5.0 + length) / 6.0) ** alpha, length=max_len
+      )
 
 
 def test_beam_search_keeps_a_live_beam_the_length_penalty_can_still_lift():
@@ -555,7 +576,7 @@ def test_beam_search_keeps_a_live_beam_the_length_penalty_can_still_lift():
       )
   )
   np.testing.assert_array_equal(sequences[0, -1], best_tokens)
-  np.testing.assert_allclose(scores[0, -1], best_score, rtol=1e-5)
+  assert_log_probs_close(lifted, scores[0, -1], best_score, length=max_len)
   assert calls == max_len
 
 
@@ -573,7 +594,7 @@ def test_beam_search_decodes_up_to_max_decode_len():
         long_chain, example, prompt, max_len=max_len, alpha=0.6
     )[0]
     np.testing.assert_array_equal(sequences[example, -1], best_tokens)
-    np.testing.assert_allclose(scores[example, -1], best_score, rtol=1e-5)
+    assert_log_probs_close(long_chain, scores[example, -1], best_score, length=max_len)
 
 
 # ---------------------------------------------------------------------------------------------

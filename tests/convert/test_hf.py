@@ -7,6 +7,7 @@ global blocks of 4, a row shorter than one global block, 3 heads, more decoder t
 layers.
 """
 
+import copy
 import functools
 import importlib.util
 import pathlib
@@ -25,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from colt5_flax import network  # noqa: E402
 from colt5_flax.convert import hf  # noqa: E402
+from tests import tolerances  # noqa: E402
 
 VOCAB = 40
 _COMMON = dict(
@@ -88,6 +90,8 @@ def _batch(seed=0):
 
 
 def _hf_logits(model, inputs, decoder_inputs, targets):
+  """transformers' logits in float64 (a copy of `model` with the same float32 weights)."""
+  model = copy.deepcopy(model).double()
   with torch.no_grad():
     return model(
         input_ids=torch.from_numpy(inputs),
@@ -104,10 +108,18 @@ def _our_logits(net, variables, inputs, decoder_inputs, targets):
 
 
 def _assert_logits_match(ours, theirs, targets):
+  """Our float32 logits against transformers' float64 ones (tests/tolerances.py).
+
+  Width: d_ff = 24 (the 19 input tokens and 4 global ones are fewer). Depth: contractions in
+  sequence, 4 per attention and 2 per MLP; a transient-global encoder layer 2 more for
+  its global keys: 8 × 2 encoder layers + 10 × 3 decoder layers + the logits.
+  """
   # Only real target positions: padding positions are don't-care on both sides.
   real = targets > 0
-  scale = np.abs(theirs[real]).max()
-  np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-5, atol=5e-6 * scale)
+  tolerances.assert_close(
+      ours[real], theirs[real], num_terms=_COMMON["d_ff"],
+      depth=8 * _COMMON["num_layers"] + 10 * _COMMON["num_decoder_layers"] + 1,
+  )
 
 
 # ----------------------------------------------------------------------------- logits
