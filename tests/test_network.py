@@ -24,6 +24,7 @@ import pytest
 from colt5_flax import network
 from colt5_flax.layers import attention, conditional, local_attention
 from colt5_flax.layers.mlp import GatedMlp
+from tests import tolerances
 
 VOCAB, EMBED, HEADS, HEAD_DIM, MLP = 37, 16, 4, 4, 24
 # Few buckets and a short max distance: a 9-token target reaches the log buckets.
@@ -126,9 +127,18 @@ def _random_params(net, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _assert_close(got, expected, what=""):
-  scale = max(float(np.abs(expected).max()), 1e-30)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * scale, err_msg=what)
+def _assert_close(got, expected, *, kind="t5", encoder_layers, decoder_layers, what=""):
+  """Two float32 runs of the same network, summing in other orders (tests/tolerances.py).
+
+  Width: the widest contraction (MLP hidden; CoLT5's heavy MLP). Depth: contractions in
+  sequence, 4 per attention (in, q·k, weights·v, out) and 2 per MLP: an encoder layer is
+  6, a decoder layer 10, and the logits 1.
+  """
+  width = 4 * MLP if kind == "colt5" else max(MLP, EMBED, 16)  # 16: the longest input
+  tolerances.assert_close(
+      got, expected, num_terms=width, depth=6 * encoder_layers + 10 * decoder_layers + 1,
+      programs=2, what=what,
+  )
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -184,7 +194,7 @@ def test_cached_decoding_matches_teacher_forcing(self_kv_heads, cross_kv_heads):
 
   teacher_forced, stepped = map(np.asarray, run(params, inputs, decoder_inputs, targets))
   real = targets > 0
-  _assert_close(stepped[real], teacher_forced[real])
+  _assert_close(stepped[real], teacher_forced[real], encoder_layers=1, decoder_layers=2)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -269,7 +279,7 @@ def test_packed_batch_equals_examples_run_alone(kind):
     _assert_close(
         packed_logits[row, target_offset : target_offset + target_length],
         alone_logits[index, :target_length],
-        what=f"example {index}",
+        encoder_layers=1, decoder_layers=1, what=f"example {index}",
     )
 
 
@@ -359,20 +369,28 @@ def test_scan_and_remat_match_plain_stack(
   variant_value, variant_logits, variant_grads = _loss_and_grads(
       net, variant_params, batch, weights, with_grads=with_grads
   )
-  _assert_close(np.asarray(variant_logits), np.asarray(logits), "logits")
-  _assert_close(float(variant_value), float(value), "loss")
+  depth = dict(kind=kind, encoder_layers=layers["encoder"], decoder_layers=layers["decoder"])
+  _assert_close(np.asarray(variant_logits), np.asarray(logits), **depth, what="logits")
+  # The loss sums 999 weighted logits: one more contraction, of 999 terms that cancel, so
+  # its error is relative to their sizes.
+  tolerances.assert_close(
+      float(variant_value), float(value), num_terms=logits.size,
+      depth=6 * layers["encoder"] + 10 * layers["decoder"] + 2, programs=2,
+      scale=float(np.abs(np.asarray(logits) * np.asarray(weights)).sum()), what="loss",
+  )
   if not with_grads:
     return
   expected_grads = _stack_layers(grads, layers) if scan_layers else grads
   flat_expected = jax.tree_util.tree_flatten_with_path(expected_grads)[0]
   flat_got = jax.tree.leaves(variant_grads)
   for (path, expected), got in zip(flat_expected, flat_got, strict=True):
-    # Gradients sum many float32 products, in another order once remat recomputes or scan
-    # fuses differently: 1e-4 of each tensor's scale (a misplaced layer is off by O(1)).
-    expected, got = np.asarray(expected), np.asarray(got)
-    np.testing.assert_allclose(
-        got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
-        err_msg=jax.tree_util.keystr(path),
+    # Back through the whole network and forward again (twice the depth); a parameter's
+    # gradient sums over the batch's 3 × 12 positions. Relative to each tensor's scale:
+    # a misplaced or shared layer is off by O(1) of it.
+    tolerances.assert_close(
+        np.asarray(got), np.asarray(expected), num_terms=max(MLP, 3 * 12),
+        depth=2 * (6 * layers["encoder"] + 10 * layers["decoder"] + 2), programs=2,
+        what=jax.tree_util.keystr(path),
     )
 
 
@@ -473,3 +491,43 @@ def test_t5_encoder_factory_passes_relative_buckets_to_attention():
   shapes = jax.eval_shape(lambda: factory().init(jax.random.PRNGKey(0), embedded, mask))
   table = shapes["params"]["relpos_bias"]["rel_embedding"]
   assert table.value.shape == (HEADS, NUM_BUCKETS)
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_network_projects_its_logits_in_float32(tied):
+  # A bfloat16 network's decoder states [batch, length, embed] enter the output layer in
+  # float32, as t5x's `logits_dense`: its logits must equal the float64 product of those
+  # states and the float32 weights up to float32 rounding (EMBED-term dot products:
+  # γ = EMBED·eps32 of Σ|s·w|), far below bfloat16's rounding of the logits themselves.
+  net = network.EncoderDecoder(
+      vocab_size=VOCAB, embed_dim=EMBED, logits_via_embedding=tied, dtype=jnp.bfloat16,
+      encoder_factory=functools.partial(_encoder_factory("t5"), dtype=jnp.bfloat16),
+      decoder_factory=functools.partial(
+          network.Decoder, num_layers=1, num_heads=HEADS, head_dim=HEAD_DIM, mlp_dim=MLP,
+          num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE, dtype=jnp.bfloat16,
+      ),
+  )
+  rng = np.random.default_rng(3)
+  inputs = rng.integers(1, VOCAB, size=(2, 12))
+  targets = rng.integers(1, VOCAB, size=(2, 7))
+  variables = net.init(jax.random.PRNGKey(0), inputs, targets, targets, enable_dropout=False)
+  logits, state = net.apply(
+      variables, inputs, targets, targets, enable_dropout=False, capture_intermediates=True,
+      mutable=["intermediates"],
+  )
+  assert logits.dtype == jnp.float32
+  states = np.asarray(state["intermediates"]["decoder"]["__call__"][0], np.float64)
+  params = nn.meta.unbox(variables["params"])
+  if tied:
+    weights = np.asarray(params["token_embedder"]["embedding"], np.float64).T * EMBED**-0.5
+  else:
+    weights = np.asarray(params["logits_dense"]["kernel"], np.float64)
+  expected = states @ weights
+  bound = EMBED * np.finfo(np.float32).eps * (np.abs(states) @ np.abs(weights))
+  np.testing.assert_array_less(np.abs(np.asarray(logits, np.float64) - expected), bound + 1e-30)
+  bfloat16_rounding = np.abs(np.asarray(jnp.asarray(expected, jnp.bfloat16), np.float64)
+                             - expected)
+  assert bfloat16_rounding.max() > 10 * bound.max(), "the case cannot tell the two apart"
