@@ -279,9 +279,8 @@ def _check_pretrain(kwargs, parts):
     np.testing.assert_allclose(float(schedule(step)), rate, rtol=1e-6)
   assert encoder.dropout_rate == attn.dropout_rate == decoder.dropout_rate == 0.0
   # CoLT5 §4: m = 512 of 4096 queries and feedforward tokens, 1024 keys/values.
-  assert int(attn.routed_query_fraction * 4096) == 512
-  assert int(feed_forward.routed_fraction * 4096) == 512
-  assert int(attn.routed_kv_fraction * 4096) == 1024
+  assert attn.capacity == feed_forward.capacity
+  assert (attn.capacity.count(4096), attn.capacity.count(4096, key_values=True)) == (512, 1024)
 
 
 def _check_finetune(kwargs, parts):
@@ -298,9 +297,10 @@ def _check_finetune(kwargs, parts):
   assert kwargs["keep_best_checkpoints"] >= 1 and kwargs["best_metric_mode"] == "max"
   assert kwargs["eval_period"] > 0 and kwargs["eval_split"] == "validation"
   # CoLT5 §5: m = 1024 of 16384, 2m keys/values.
-  assert int(attn.routed_query_fraction * 16384) == 1024
-  assert int(feed_forward.routed_fraction * 16384) == 1024
-  assert int(attn.routed_kv_fraction * 16384) == 2048
+  assert attn.capacity == feed_forward.capacity
+  assert (attn.capacity.count(16384), attn.capacity.count(16384, key_values=True)) == (
+      1024, 2048,
+  )
 
 
 def _check_eval(kwargs, parts):
@@ -514,12 +514,11 @@ def test_ablation_changes_what_it_says(name, baseline_shapes):
   assert _routed_counts(intermediates) == EXPECTED_COUNTS.get(name, DEFAULT_COUNTS)
   cross_key = params["decoder"]["layers_0"]["encoder_decoder_attention"]["key"]["kernel"]
 
-  if name == "static_routing":
-    assert attn.routing == feed_forward.routing == "static"
-    # Static routing has no learned router vector.
-    assert "query_router" not in layer["attention"] and "router" not in layer["mlp"]
-  elif name == "random_routing":
-    assert attn.routing == feed_forward.routing == "random"
+  if name in ("static_routing", "random_routing"):
+    kinds = {module.router_factory(num_selected=1, soft_top_k_target=1.0).routing
+             for module in (attn, feed_forward)}
+    assert kinds == {name.split("_")[0]}
+    # Static and random routing have no learned router vector.
     assert "query_router" not in layer["attention"] and "router" not in layer["mlp"]
   elif name == "shared_qkv_routing":
     assert attn.share_router
@@ -554,6 +553,24 @@ def test_ablation_changes_what_it_says(name, baseline_shapes):
   if name not in ("longt5_encoder", "multi_head_cross_attention"):
     assert cross_key.shape == (32, 1, 8)
   del base_layer
+
+
+@pytest.mark.parametrize(
+    "bindings,expected",
+    [
+        # One line moves every router by the paper's rule: m queries and feedforward
+        # tokens, 2m keys/values (CoLT5 §3.3), at INPUT_LENGTH = 256.
+        (["ROUTED_FRACTION = 0.125"], {"q": 32, "kv": 64, "mlp": 32}),
+        (["ROUTED_KV_RATIO = 3.0"], {"q": 16, "kv": 48, "mlp": 16}),
+        # Counts stop growing beyond ROUTED_MAX_LENGTH: at 128 tokens, m = 128/16 = 8.
+        (["ROUTED_MAX_LENGTH = 128"], {"q": 8, "kv": 16, "mlp": 8}),
+    ],
+)
+def test_one_binding_sets_every_routers_count(bindings, expected):
+  files, run_bindings = ablation_recipe("static_routing")
+  parse(files[:-1], run_bindings + bindings)  # after the run file's ROUTED_FRACTION
+  _, intermediates = _abstract_apply(count_params.model_from_gin())
+  assert _routed_counts(intermediates) == expected
 
 
 # -- One training step -----------------------------------------------------------------------

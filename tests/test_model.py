@@ -11,7 +11,7 @@ import seqio
 
 from colt5_flax import model as model_lib
 from colt5_flax import network
-from colt5_flax.layers import conditional
+from colt5_flax.layers import conditional, routing
 
 VOCAB = 12
 
@@ -23,14 +23,13 @@ def _colt5(num_layers=1, length_fraction=1 / 4):
       num_heavy_heads=2,
       head_dim=8,
       local_radius=3,
-      routed_query_fraction=length_fraction,
-      routed_kv_fraction=2 * length_fraction,
+      capacity=routing.RoutingCapacity(fraction=length_fraction),
   )
   feed_forward = functools.partial(
       conditional.ConditionalFeedForward,
       light_mlp_dim=16,
       heavy_mlp_dim=64,
-      routed_fraction=length_fraction,
+      capacity=routing.RoutingCapacity(fraction=length_fraction),
   )
   return network.EncoderDecoder(
       vocab_size=VOCAB,
@@ -99,6 +98,9 @@ def test_loss_matches_numpy_cross_entropy_with_z_loss(model):
   assert {"routing/q_mean_weight", "routing/kv_mean_weight", "routing/mlp_mean_weight"} <= set(
       metrics
   )
+  # |Σλ − k| / k of every router: the soft top-k meets its constraint (float32 rounding).
+  for branch in ("q", "kv", "mlp"):
+    assert 0.0 <= float(metrics[f"routing/{branch}_sum_error"]) < 1e-5
   # score_batch is the per-example sum of target log-likelihoods.
   scores = np.asarray(model.score_batch(params, batch))
   np.testing.assert_allclose(

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from colt5_flax import network
-from colt5_flax.layers import attention, conditional, local_attention
+from colt5_flax.layers import attention, conditional, local_attention, routing
 from colt5_flax.layers.mlp import GatedMlp
 from tests import tolerances
 
@@ -54,12 +54,12 @@ def _encoder_factory(kind: str, *, num_layers=2, scan_layers=False, remat_policy
     attention_factory = functools.partial(
         conditional.ConditionalAttention,
         num_light_heads=1, num_heavy_heads=3, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
-        routed_query_fraction=1 / 4, routed_kv_fraction=1 / 2, router_num_iters=10, **common,
+        capacity=routing.RoutingCapacity(fraction=1 / 4), **common,
     )
     feed_forward = functools.partial(
         conditional.ConditionalFeedForward,
-        light_mlp_dim=MLP // 2, heavy_mlp_dim=4 * MLP, routed_fraction=1 / 4,
-        router_num_iters=10,
+        light_mlp_dim=MLP // 2, heavy_mlp_dim=4 * MLP,
+        capacity=routing.RoutingCapacity(fraction=1 / 4),
     )
   else:
     raise ValueError(kind)
@@ -491,3 +491,43 @@ def test_t5_encoder_factory_passes_relative_buckets_to_attention():
   shapes = jax.eval_shape(lambda: factory().init(jax.random.PRNGKey(0), embedded, mask))
   table = shapes["params"]["relpos_bias"]["rel_embedding"]
   assert table.value.shape == (HEADS, NUM_BUCKETS)
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_network_projects_its_logits_in_float32(tied):
+  # A bfloat16 network's decoder states [batch, length, embed] enter the output layer in
+  # float32, as t5x's `logits_dense`: its logits must equal the float64 product of those
+  # states and the float32 weights up to float32 rounding (EMBED-term dot products:
+  # γ = EMBED·eps32 of Σ|s·w|), far below bfloat16's rounding of the logits themselves.
+  net = network.EncoderDecoder(
+      vocab_size=VOCAB, embed_dim=EMBED, logits_via_embedding=tied, dtype=jnp.bfloat16,
+      encoder_factory=functools.partial(_encoder_factory("t5"), dtype=jnp.bfloat16),
+      decoder_factory=functools.partial(
+          network.Decoder, num_layers=1, num_heads=HEADS, head_dim=HEAD_DIM, mlp_dim=MLP,
+          num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE, dtype=jnp.bfloat16,
+      ),
+  )
+  rng = np.random.default_rng(3)
+  inputs = rng.integers(1, VOCAB, size=(2, 12))
+  targets = rng.integers(1, VOCAB, size=(2, 7))
+  variables = net.init(jax.random.PRNGKey(0), inputs, targets, targets, enable_dropout=False)
+  logits, state = net.apply(
+      variables, inputs, targets, targets, enable_dropout=False, capture_intermediates=True,
+      mutable=["intermediates"],
+  )
+  assert logits.dtype == jnp.float32
+  states = np.asarray(state["intermediates"]["decoder"]["__call__"][0], np.float64)
+  params = nn.meta.unbox(variables["params"])
+  if tied:
+    weights = np.asarray(params["token_embedder"]["embedding"], np.float64).T * EMBED**-0.5
+  else:
+    weights = np.asarray(params["logits_dense"]["kernel"], np.float64)
+  expected = states @ weights
+  bound = EMBED * np.finfo(np.float32).eps * (np.abs(states) @ np.abs(weights))
+  np.testing.assert_array_less(np.abs(np.asarray(logits, np.float64) - expected), bound + 1e-30)
+  bfloat16_rounding = np.abs(np.asarray(jnp.asarray(expected, jnp.bfloat16), np.float64)
+                             - expected)
+  assert bfloat16_rounding.max() > 10 * bound.max(), "the case cannot tell the two apart"
