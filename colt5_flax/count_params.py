@@ -24,12 +24,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gin
 import jax
 import numpy as np
 from absl import app, flags
 
-from colt5_flax import gin_utils
+from colt5_flax import gin_utils, model_files
 
 PyTree = Any
 FLAGS = flags.FLAGS
@@ -40,23 +39,8 @@ _INIT_INPUT_LENGTH = 512
 _INIT_TARGET_LENGTH = 8
 
 
-def model_from_gin(macro: str = "MODEL"):
-  """Evaluates the gin macro `macro` (default t5x's `MODEL`) of the parsed configuration.
-
-  Raises:
-    ValueError: when the configuration does not define the macro.
-  """
-  try:
-    gin.query_parameter(f"{macro}/macro.value")
-  except ValueError:
-    raise ValueError(
-        f"The gin configuration defines no {macro} macro; pass a model file, e.g. "
-        "--gin_file=models/colt5_base.gin"
-    ) from None
-  # A macro is gin's `macro(value)` configurable in the macro's scope: calling it there
-  # evaluates the bound value (`@model.EncoderDecoderModel()`) as gin would.
-  with gin.config_scope(macro):
-    return gin.get_configurable("gin.macro")()
+# The configuration's MODEL: built as every caller builds a model from its gin files.
+model_from_gin = model_files.model_from_gin
 
 
 def abstract_params(

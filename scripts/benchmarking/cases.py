@@ -1,0 +1,143 @@
+"""What the benchmark runs: a `Case` (one model, scope, mode and length) and its FLOPs.
+
+Our encoders are built from the project's gin model files
+(`configs/models/<architecture>_<width>.gin`, through `colt5_flax.model_files`), the same
+files the trainer reads; their sizes (`flops.EncoderDims`) come from the same files, and so
+do the peers' sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+from benchmarking import peers
+
+KINDS = ("colt5", "longt5_tglobal", "longt5_local", "t5")
+PEERS = tuple(peers.MODEL_KIND)
+MODES = ("fwd", "fwd_bwd")
+SCOPES = ("layer", "encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One timed program.
+
+  Attributes:
+    kind: one of ours (`KINDS`) or a PyTorch peer (`PEERS`).
+    scope: 'layer' (one encoder layer), 'encoder' (a whole encoder) or 'peer'.
+    mode: 'fwd' (inference) or 'fwd_bwd' (training: gradients of a fixed cotangent).
+    length: input tokens per row.
+    width: the model size, as in `configs/models/*_<width>.gin` (tiny, base, large, xl).
+    batch, dtype: rows per batch and activation dtype.
+    warmup, repeats, max_case_s: untimed runs, timed runs, and a cap on the timed runs.
+    num_layers: encoder depth for scope 'encoder' (None: the model file's).
+    scan_layers, remat: the encoder's `SCAN_LAYERS` and `REMAT_POLICY`.
+    matmul_size: side of the matmul timed just before the case (None: 2048).
+    memory_budget_gb: what the case may use (None: 80% of the available memory).
+  """
+
+  kind: str
+  scope: str
+  mode: str
+  length: int
+  width: str
+  batch: int = 1
+  dtype: str = "float32"
+  warmup: int = 1
+  repeats: int = 5
+  max_case_s: float = 60.0
+  num_layers: int | None = None
+  scan_layers: bool = True
+  remat: str = "none"
+  matmul_size: int | None = None
+  memory_budget_gb: float | None = None
+
+  @property
+  def model_name(self) -> str:
+    return f"peer:{self.kind}" if self.scope == "peer" else self.kind
+
+  @property
+  def group(self) -> tuple[str, str, int]:
+    """(scope, mode, length): the cases whose times are compared with each other."""
+    return self.scope, self.mode, self.length
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, text: str) -> Case:
+    return cls(**json.loads(text))
+
+
+@functools.cache
+def encoder_dims(kind: str, width: str):
+  """`flops.EncoderDims` of our `kind` (or of the model a peer stands in for) at `width`,
+  read from its gin model file."""
+  from colt5_flax import flops, model_files
+
+  kind = peers.MODEL_KIND.get(kind, kind)
+  with model_files.parsed([model_files.model_file(kind, width)]):
+    return flops.EncoderDims.from_gin(kind)
+
+
+def depth(case: Case) -> int:
+  """Layers the case runs: 1 for a layer or a peer block, else the encoder's."""
+  if case.scope != "encoder":
+    return 1
+  return case.num_layers or encoder_dims(case.kind, case.width).num_layers
+
+
+def layer_flops(case: Case) -> dict[str, int]:
+  """Forward matmul FLOPs of one layer of the case's model on one row, by branch."""
+  from colt5_flax import flops
+
+  dims = encoder_dims(case.kind, case.width)
+  if case.scope == "peer":
+    return peers.layer_flops(case.kind, dims, case.length)
+  return flops.layer_flops(dims, case.length)
+
+
+def case_flops(case: Case) -> int:
+  """Matmul FLOPs of a whole case: layers × batch, and ×3 for forward + backward."""
+  passes = 3 if case.mode == "fwd_bwd" else 1  # backward: 2 matmuls per forward one
+  return sum(layer_flops(case).values()) * depth(case) * case.batch * passes
+
+
+def routed_tokens(case: Case) -> dict[str, int] | None:
+  """CoLT5's routed-token counts at the case's length (None for other kinds)."""
+  if case.kind not in ("colt5", "colt5_attention"):
+    return None
+  return encoder_dims(case.kind, case.width).routed_counts(case.length)
+
+
+def gin_bindings(case: Case) -> list[str]:
+  """The bindings on top of the model file that make the case's encoder."""
+  bindings = [f"ACTIVATION_DTYPE = '{case.dtype}'", "DROPOUT_RATE = 0.0"]
+  if case.scope == "layer":
+    # One layer is an encoder of depth 1: the layer plus a final norm (no matmul).
+    return bindings + ["NUM_ENCODER_LAYERS = 1", "SCAN_LAYERS = False"]
+  if case.num_layers:
+    bindings.append(f"NUM_ENCODER_LAYERS = {case.num_layers}")
+  return bindings + [f"SCAN_LAYERS = {case.scan_layers}", f"REMAT_POLICY = '{case.remat}'"]
+
+
+def result_fields(case: Case) -> dict[str, Any]:
+  """The case's identity as report fields."""
+  fields = {
+      "model": case.model_name,
+      "scope": "layer" if case.scope == "peer" else case.scope,
+      "length": case.length,
+      "width": case.width,
+      "mode": case.mode,
+      "batch": case.batch,
+      "dtype": case.dtype,
+  }
+  if case.scope == "encoder":
+    fields["num_layers"] = depth(case)
+  routed = routed_tokens(case)
+  if routed is not None:
+    fields["routed_tokens"] = routed
+  return fields

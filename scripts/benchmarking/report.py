@@ -1,0 +1,80 @@
+"""The benchmark's report: the Markdown table and the time/memory plot."""
+
+from __future__ import annotations
+
+from benchmarking import cases
+
+
+def format_table(rows: list[dict]) -> str:
+  header = (
+      "| scope | model | mode | length | ms | µs/token | compile s | peak MiB | GFLOP "
+      "| GFLOP/s | % peak | % peak now | note |"
+  )
+  lines = [header, "|" + "|".join("---" for _ in range(13)) + "|"]
+  lines += [format_row(row) for row in rows]
+  return "\n".join(lines)
+
+
+def format_row(row: dict) -> str:
+  def number(value, spec):
+    return "–" if value is None else format(value, spec)
+
+  def percent(key):
+    value = row.get(key)
+    return number(None if value is None else 100 * value, ".0f")
+
+  return (
+      f"| {row['scope']} | {row['model']} | {row['mode']} | {row['length']} "
+      f"| {number(row['ms'], '.1f')} | {number(row.get('us_per_token'), '.1f')} "
+      f"| {number(row['compile_s'], '.1f')} | {number(row['peak_mem_mb'], '.0f')} "
+      f"| {row['flops'] / 1e9:.1f} | {number(row['achieved_gflops'], '.1f')} "
+      f"| {percent('fraction_of_peak')} | {percent('fraction_of_peak_now')} | {row['note']} |"
+  )
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Time and peak memory against length, log-log: a colour per model, solid circles for
+  a layer, dashed squares for a whole encoder, dotted for peers; a column per mode."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  modes = [m for m in cases.MODES if any(r["mode"] == m for r in rows)]
+  figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
+  styles = {"layer": "-", "encoder": "--"}
+  models = [*cases.KINDS, *(f"peer:{peer}" for peer in cases.PEERS)]
+  colors = {model: f"C{i}" for i, model in enumerate(models)}
+  for column, mode in enumerate(modes):
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+      if row["mode"] == mode and not row["skipped"] and row["ms"] is not None:
+        series.setdefault((row["model"], row["scope"]), []).append(row)
+    for (model, scope), points in sorted(series.items()):
+      points.sort(key=lambda r: r["length"])
+      lengths = [r["length"] for r in points]
+      style = ":" if model.startswith("peer:") else styles[scope]
+      label = f"{model} ({scope})"
+      color, marker = colors.get(model), "s" if scope == "encoder" else "o"
+      axes[0][column].plot(
+          lengths, [r["ms"] for r in points], style, color=color, marker=marker, label=label
+      )
+      memory = [(r["length"], r["peak_mem_mb"]) for r in points if r["peak_mem_mb"]]
+      if memory:
+        axes[1][column].plot(
+            *zip(*memory, strict=True), style, color=color, marker=marker, label=label
+        )
+    for row_index, ylabel in enumerate(("time per run (ms)", "peak memory (MiB)")):
+      axis = axes[row_index][column]
+      axis.set_xscale("log", base=2)
+      axis.set_yscale("log")
+      axis.set_xlabel("input length (tokens)")
+      axis.set_ylabel(ylabel)
+      axis.set_title(f"{mode}: {ylabel.split(' (')[0]}")
+      axis.grid(True, which="both", alpha=0.3)
+      axis.legend(fontsize=7)
+  first = rows[0]
+  figure.suptitle(f"width {first['width']}, batch {first['batch']}, {first['dtype']}")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
