@@ -20,8 +20,9 @@ of depth 1: the layer and a final norm). Per case (`benchmarking.cases.Case`):
   only or forward + backward (3×), and the achieved rate against the matmul peak
   measured in the same run (a large float32 matmul, and bfloat16 for `--dtype=bfloat16`),
   and against a short matmul timed in the same process just before the case (`% peak
-  now`: the peak under the load the case met). XLA's own count (`cost_analysis`) is kept beside it as a check
-  (for `--scopes=encoder` with `--scan_layers` it counts the scanned layer once).
+  now`: the peak under the load the case met). XLA's own count (`cost_analysis`) is kept
+  beside it as a check (for `--scopes=encoder` with `--scan_layers` it counts the scanned
+  layer once).
 
 Cases that cannot fit are skipped with a note instead of being run: full attention whose
 float32 logits alone exceed the memory budget, and any compiled program whose XLA buffer
