@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags, logging
 
-from colt5_flax.data import scrolls, scrolls_submission, scrolls_table
+from colt5_flax.data import scrolls_files, scrolls_submission, scrolls_table
 
 _PREDICTIONS = {
     task: flags.DEFINE_string(task, None, f"JSONL predictions (id, prediction) for {task}.")
@@ -27,7 +27,7 @@ _PREDICTIONS = {
 }
 _IDS_DATA_DIR = flags.DEFINE_string(
     "ids_data_dir",
-    os.environ.get(scrolls.DATA_DIR_ENV),
+    os.environ.get(scrolls_files.DATA_DIR_ENV),
     "Folder of the official SCROLLS files (<task>.zip or <task>/<split>.jsonl), to check "
     "the ids. Default: $SCROLLS_DATA_DIR.",
 )

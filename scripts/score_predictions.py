@@ -17,12 +17,14 @@ import os
 
 from absl import app, flags
 
-from colt5_flax.data import scrolls, scrolls_submission, scrolls_table
+from colt5_flax.data import scrolls_files, scrolls_submission, scrolls_table
 
 _TASK = flags.DEFINE_enum("task", None, list(scrolls_table.NAMES), "The SCROLLS task.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL file of id, prediction.")
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", os.environ.get(scrolls.DATA_DIR_ENV), "Official SCROLLS files ($SCROLLS_DATA_DIR)."
+    "data_dir",
+    os.environ.get(scrolls_files.DATA_DIR_ENV),
+    "Official SCROLLS files ($SCROLLS_DATA_DIR).",
 )
 _SPLIT = flags.DEFINE_string("split", "validation", "Split of the references.")
 _METRICS_JSON = flags.DEFINE_string("metrics_json", None, "Optional file for the metrics.")

@@ -1,16 +1,15 @@
 """SCROLLS (Shaham et al., 2022) as seqio tasks: TFDS or the official released files.
 
-The seven tasks (`scrolls_table`: names, lengths, metrics) are released as
-`<config>/{train,validation,test}.jsonl` (also zipped as `<config>.zip`), one row per
-(example, reference) with fields `id, pid, input, output`; rows that share an `id` are one
-example with several references; test outputs are null. `input` already holds the
-question for the QA tasks, so `inputs = input`.
+The seven tasks (`scrolls_table`: names, lengths, metrics) are released as one row per
+(example, reference) (`scrolls_files` reads the files and TFDS); rows that share an `id`
+are one example with several references. `input` already holds the question for the QA
+tasks, so `inputs = input`.
 
 Two sources, same examples:
 - `scrolls_<task>` reads TFDS `scrolls/<config>:1.0.0`. That builder is in the
   tensorflow-datasets catalogue (`tensorflow_datasets/text/scrolls`; it downloads the
   official zips). Machines without internet can build it from the zips with
-  `prepare_tfds_from_local`.
+  `scrolls_files.prepare_tfds_from_local`.
 - `scrolls_<task>_local` reads the official files from a directory: the `data_dir`
   argument of `register_scrolls_local_tasks`, else the environment variable
   `SCROLLS_DATA_DIR`, read when the dataset is built (so a cluster sets it per job).
@@ -39,24 +38,14 @@ from __future__ import annotations
 
 import collections
 import functools
-import io
 import os
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import seqio
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
-from colt5_flax import jsonl
-from colt5_flax.data import metrics, scrolls_table, vocabularies
-
-TFDS_VERSION = "1.0.0"
-SPLITS = ("train", "validation", "test")
-DATA_DIR_ENV = "SCROLLS_DATA_DIR"
-REQUIRED_FIELDS = ("id", "input", "output")
-
+from colt5_flax.data import metrics, scrolls_files, scrolls_table, vocabularies
 
 # Rows are grouped by id on these splits (and slices of them, e.g. "validation[:10]").
 _GROUPED_SPLITS = ("validation", "test")
@@ -68,161 +57,13 @@ def feature_lengths(task: str) -> dict[str, int]:
   return scrolls_table.get(task).feature_lengths
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-def read_jsonl_rows(lines: Iterable[str], source: str) -> Iterator[dict]:
-  """Parses official-format JSONL lines into rows.
-
-  Args:
-    lines: the lines of one `<split>.jsonl` file.
-    source: the file's name, used in error messages and in each row's `_location`.
-
-  Yields:
-    dicts with `id`, `pid` (None when absent), `input`, `output` (None on test) and
-    `_location` = "source:line".
-
-  Raises:
-    ValueError: on a malformed line (with file:line) or a missing field (named).
-  """
-  for location, row in jsonl.read_lines(lines, source):
-    for field in REQUIRED_FIELDS:
-      if field not in row:
-        raise ValueError(f"{location}: missing field {field!r} (fields: {sorted(row)})")
-    if not isinstance(row["input"], str):
-      raise ValueError(f"{location}: field 'input' must be a string, got {row['input']!r:.50}")
-    if row["output"] is not None and not isinstance(row["output"], str):
-      raise ValueError(
-          f"{location}: field 'output' must be a string or null, got {row['output']!r:.50}"
-      )
-    yield {
-        "id": str(row["id"]),
-        "pid": None if row.get("pid") is None else str(row["pid"]),
-        "input": row["input"],
-        "output": row["output"],
-        "_location": location,
-    }
-
-
-def _split_name(split: str) -> str:
-  """'validation[:10%]' -> 'validation'."""
-  return split.split("[", 1)[0]
-
-
-def _open_local_split(
-    data_dir: str, config: str, split: str
-) -> tuple[Callable[[], Iterable[str]], str]:
-  """Where `<config>/<split>.jsonl` lives under `data_dir`: a folder or `<config>.zip`.
-
-  Returns:
-    (a function that opens the file and returns its lines, the file's display name).
-  """
-  split = _split_name(split)
-  plain = os.path.join(data_dir, config, f"{split}.jsonl")
-  if tf.io.gfile.exists(plain):
-
-    def open_plain():
-      with tf.io.gfile.GFile(plain, "r") as f:
-        yield from f
-
-    return open_plain, plain
-  archive = os.path.join(data_dir, f"{config}.zip")
-  if tf.io.gfile.exists(archive):
-    with tf.io.gfile.GFile(archive, "rb") as f, zipfile.ZipFile(f) as zf:
-      names = set(zf.namelist())
-    member = next(
-        (m for m in (f"{config}/{split}.jsonl", f"{split}.jsonl") if m in names), None
-    )
-    if member is None:
-      raise FileNotFoundError(
-          f"{archive} has no {config}/{split}.jsonl (it holds {sorted(names)[:10]})"
-      )
-
-    def open_member():
-      with tf.io.gfile.GFile(archive, "rb") as f, zipfile.ZipFile(f) as zf:
-        with zf.open(member) as raw:
-          yield from io.TextIOWrapper(raw, encoding="utf-8")
-
-    return open_member, f"{archive}!{member}"
-  raise FileNotFoundError(
-      f"SCROLLS {config}/{split}: neither {plain} nor {archive} exists "
-      f"(data_dir={data_dir!r}; set {DATA_DIR_ENV} or pass data_dir)"
-  )
-
-
-def local_rows(data_dir: str, config: str, split: str) -> Iterator[dict]:
-  """The rows of one split of the official files under `data_dir` (see `read_jsonl_rows`)."""
-  open_lines, source = _open_local_split(data_dir, config, split)
-  yield from read_jsonl_rows(open_lines(), source)
-
-
-def tfds_name(config: str) -> str:
-  return f"scrolls/{config}:{TFDS_VERSION}"
-
-
-def tfds_rows(
-    config: str,
-    split: str,
-    tfds_data_dir: str | None = None,
-    shuffle_files: bool = False,
-    seed: int | None = None,
-) -> Iterator[dict]:
-  """The rows of TFDS `scrolls/<config>:1.0.0` (already prepared; nothing is downloaded)."""
-  builder = tfds.builder(tfds_name(config), data_dir=tfds_data_dir)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"TFDS {tfds_name(config)} is not prepared in {builder.data_dir!r}: run `tfds build "
-        f"scrolls --config {config}` or colt5_flax.data.scrolls.prepare_tfds_from_local"
-    )
-  read_config = tfds.ReadConfig(shuffle_seed=seed) if seed is not None else None
-  dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
-  for ex in tfds.as_numpy(dataset):
-    row = {k: ex[k].decode("utf-8") for k in ("id", "pid", "input", "output")}
-    # The TFDS builder stores the test split's null outputs as "".
-    row["_location"] = f"{tfds_name(config)}[{split}] pid={row['pid']}"
-    yield row
-
-
-def prepare_tfds_from_local(config: str, *, tfds_data_dir: str, source_dir: str):
-  """Builds TFDS `scrolls/<config>:1.0.0` from the official files, without downloading.
-
-  The catalogue builder downloads `<config>.zip`; here its download step is replaced by
-  `source_dir` (holding `<config>.zip` or the folder `<config>/`), for clusters that keep
-  the data on their own storage. The prepared dataset is the catalogue's, byte for byte.
-
-  Returns:
-    the prepared `tfds.core.DatasetBuilder`.
-  """
-  scrolls_table.get(config)
-  builder = tfds.builder(tfds_name(config), data_dir=tfds_data_dir)
-  catalogue_generate_examples = builder._generate_examples  # pylint: disable=protected-access
-
-  def split_generators(dl_manager):
-    folder = os.path.join(source_dir, config)
-    archive = os.path.join(source_dir, f"{config}.zip")
-    if tf.io.gfile.isdir(folder):
-      root = tfds.core.Path(folder)
-    elif tf.io.gfile.exists(archive):
-      extracted = dl_manager.extract(archive)
-      root = extracted / config if (extracted / config).is_dir() else extracted
-    else:
-      raise FileNotFoundError(f"neither {folder}/ nor {archive} exists")
-    return {split: catalogue_generate_examples(root / f"{split}.jsonl") for split in SPLITS}
-
-  builder._split_generators = split_generators  # pylint: disable=protected-access
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-  )
-  return builder
-
-
 # ------------------------------------------------------------------- rows -> examples
 
 
 def _skip_reason(row: Mapping, split: str) -> str | None:
   if not row["input"].strip():
     return "empty input"
-  if _split_name(split) != "test" and not (row["output"] or "").strip():
+  if scrolls_files.split_name(split) != "test" and not (row["output"] or "").strip():
     return "empty output"
   return None
 
@@ -301,7 +142,7 @@ def examples_from_rows(
   Raises:
     ValueError: a malformed row (file:line), or no usable row at all.
   """
-  if _split_name(split) not in _GROUPED_SPLITS:
+  if scrolls_files.split_name(split) not in _GROUPED_SPLITS:
     # The whole file is read (and each line checked), holding no row.
     if not sum(1 for _ in _kept_rows(open_rows(), task_label, split, count_only=True)):
       raise ValueError(_no_rows_message(task_label, split, source))
@@ -343,23 +184,26 @@ def _dataset_from_examples(make_examples: Callable[[], Iterator[dict]]) -> tf.da
 
 
 def _tfds_dataset_fn(split, shuffle_files, seed=None, *, config, tfds_data_dir, task_label):
-  data_dir = tfds_data_dir or seqio.utils._get_data_dir_override(tfds_name(config))  # pylint: disable=protected-access
-  open_rows = functools.partial(tfds_rows, config, split, data_dir, shuffle_files, seed)
+  tfds_name = scrolls_files.tfds_name(config)
+  data_dir = tfds_data_dir or seqio.utils._get_data_dir_override(tfds_name)  # pylint: disable=protected-access
+  open_rows = functools.partial(
+      scrolls_files.tfds_rows, config, split, data_dir, shuffle_files, seed
+  )
   return _dataset_from_examples(
-      examples_from_rows(open_rows, split, task_label, source=tfds_name(config))
+      examples_from_rows(open_rows, split, task_label, source=tfds_name)
   )
 
 
 def _local_dataset_fn(split, shuffle_files, seed=None, *, config, data_dir, task_label):
   del shuffle_files, seed  # one file per split: nothing to shuffle at the file level
-  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+  data_dir = data_dir or os.environ.get(scrolls_files.DATA_DIR_ENV)
   if not data_dir:
     raise ValueError(
         f"{task_label}: no SCROLLS data directory; pass data_dir to "
-        f"register_scrolls_local_tasks or set {DATA_DIR_ENV}"
+        f"register_scrolls_local_tasks or set {scrolls_files.DATA_DIR_ENV}"
     )
-  open_rows = functools.partial(local_rows, data_dir, config, split)
-  _, source = _open_local_split(data_dir, config, split)
+  open_rows = functools.partial(scrolls_files.local_rows, data_dir, config, split)
+  _, source = scrolls_files.open_local_split(data_dir, config, split)
   return _dataset_from_examples(examples_from_rows(open_rows, split, task_label, source))
 
 
@@ -545,7 +389,8 @@ def _register_all(source, name_suffix, vocabulary, dataset_fn) -> list[str]:
   for task in scrolls_table.NAMES:
     name = f"scrolls_{task}{source}{name_suffix}"
     task_fn = functools.partial(dataset_fn, config=task, task_label=name)
-    _register(name, seqio.FunctionDataSource(task_fn, splits=SPLITS), task, vocabulary)
+    data_source = seqio.FunctionDataSource(task_fn, splits=scrolls_files.SPLITS)
+    _register(name, data_source, task, vocabulary)
     names.append(name)
   _add_mixture(f"scrolls{source}{name_suffix}", names)
   return names
@@ -559,7 +404,8 @@ def references_by_id(data_dir: str, task: str, split: str = "validation") -> dic
   exactly as the tasks do; on the test split the lists are empty (outputs are null).
   """
   label = f"scrolls_{scrolls_table.get(task).name}_local"
-  return _group_references(_kept_rows(local_rows(data_dir, task, split), label, split))
+  rows = scrolls_files.local_rows(data_dir, task, split)
+  return _group_references(_kept_rows(rows, label, split))
 
 
 def row_counts(data_dir: str, task: str, split: str) -> dict[str, int]:
@@ -572,7 +418,7 @@ def row_counts(data_dir: str, task: str, split: str) -> dict[str, int]:
   scrolls_table.get(task)
   counts = collections.Counter({"rows": 0, "kept": 0, "empty input": 0, "empty output": 0})
   ids = set()
-  for row in local_rows(data_dir, task, split):
+  for row in scrolls_files.local_rows(data_dir, task, split):
     counts["rows"] += 1
     reason = _skip_reason(row, split)
     counts[reason or "kept"] += 1

@@ -16,7 +16,7 @@ import csv
 from collections.abc import Iterable, Mapping
 
 from colt5_flax import jsonl
-from colt5_flax.data import metrics, scrolls, scrolls_table
+from colt5_flax.data import metrics, scrolls, scrolls_files, scrolls_table
 
 CSV_COLUMNS = ("Task", "ID", "Prediction")
 
@@ -68,7 +68,9 @@ def score_predictions(task: str, predictions_path: str, data_dir: str, split: st
     ValueError: missing or unknown ids (named), or a split without references (test).
   """
   if not data_dir:
-    raise ValueError(f"Need the official files' folder (or ${scrolls.DATA_DIR_ENV}) to score")
+    raise ValueError(
+        f"Need the official files' folder (or ${scrolls_files.DATA_DIR_ENV}) to score"
+    )
   predictions = read_predictions(predictions_path)
   references = scrolls.references_by_id(data_dir, task, split)
   check_prediction_ids(task, predictions, references)
@@ -100,7 +102,9 @@ def make_submission(
   if missing_tasks:
     raise ValueError(f"No predictions given for {missing_tasks} (flags --<task>=path.jsonl)")
   if not data_dir:
-    raise ValueError(f"Need the official files' folder (or ${scrolls.DATA_DIR_ENV}) to check ids")
+    raise ValueError(
+        f"Need the official files' folder (or ${scrolls_files.DATA_DIR_ENV}) to check ids"
+    )
   rows = []
   for task in scrolls_table.NAMES:
     predictions = read_predictions(prediction_paths[task])

@@ -11,7 +11,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from colt5_flax.data import scrolls, scrolls_table, tasks, vocabularies
+from colt5_flax.data import scrolls, scrolls_files, scrolls_table, tasks, vocabularies
 
 tfds.disable_progress_bar()
 
@@ -133,11 +133,11 @@ def test_local_test_split_has_no_references(local_task_names):
 
 def test_zip_through_environment_variable(local_dir, monkeypatch):
   names = scrolls.register_scrolls_local_tasks(None, BYTES, name_suffix="_env")
-  monkeypatch.setenv(scrolls.DATA_DIR_ENV, str(local_dir))
+  monkeypatch.setenv(scrolls_files.DATA_DIR_ENV, str(local_dir))
   batch = converted("scrolls_quality_local_env", "validation", {"inputs": 64, "targets": 16})
   assert [ex["id"] for ex in batch] == [b"v1", b"v2"]
   assert decode(batch[1]["encoder_input_tokens"]) == "Who wrote it? Other doc."
-  monkeypatch.delenv(scrolls.DATA_DIR_ENV)
+  monkeypatch.delenv(scrolls_files.DATA_DIR_ENV)
   with pytest.raises(ValueError, match="SCROLLS_DATA_DIR"):
     seqio.get_mixture_or_task(names[0]).get_dataset(None, split="train")
 
@@ -181,7 +181,7 @@ def test_tfds_build_from_local_zip(tmp_path):
   source = tmp_path / "official"
   write_zip(source, "qasper", QASPER)
   tfds_dir = str(tmp_path / "tfds")
-  builder = scrolls.prepare_tfds_from_local(
+  builder = scrolls_files.prepare_tfds_from_local(
       "qasper", tfds_data_dir=tfds_dir, source_dir=str(source)
   )
   assert builder.info.splits["validation"].num_examples == len(QASPER["validation"])
@@ -207,7 +207,7 @@ def test_tfds_build_from_local_zip(tmp_path):
 
 def test_tfds_not_prepared_says_how(tmp_path):
   with pytest.raises(FileNotFoundError, match="not prepared"):
-    next(scrolls.tfds_rows("qasper", "validation", str(tmp_path)))
+    next(scrolls_files.tfds_rows("qasper", "validation", str(tmp_path)))
 
 
 def test_bad_lines_name_file_line_and_field(tmp_path):
@@ -216,10 +216,10 @@ def test_bad_lines_name_file_line_and_field(tmp_path):
   good = json.dumps({"id": "a", "pid": "a_0", "input": "x", "output": "y"})
   (root / "qasper" / "validation.jsonl").write_text(good + "\n{not json\n")
   with pytest.raises(ValueError, match=r"qasper/validation.jsonl:2: malformed JSON"):
-    list(scrolls.local_rows(str(root), "qasper", "validation"))
+    list(scrolls_files.local_rows(str(root), "qasper", "validation"))
   (root / "qasper" / "train.jsonl").write_text(good + "\n" + json.dumps({"id": "b", "input": "x"}))
   with pytest.raises(ValueError, match=r"train.jsonl:2: missing field 'output'"):
-    list(scrolls.local_rows(str(root), "qasper", "train"))
+    list(scrolls_files.local_rows(str(root), "qasper", "train"))
   # Through seqio: validation reads its file when the dataset is built.
   scrolls.register_scrolls_local_tasks(str(root), BYTES, name_suffix="_bad")
   with pytest.raises(ValueError, match=r"validation.jsonl:2: malformed JSON"):
@@ -229,7 +229,7 @@ def test_bad_lines_name_file_line_and_field(tmp_path):
   with pytest.raises(ValueError, match=r"train.jsonl:2: missing field 'output'"):
     seqio.get_mixture_or_task("scrolls_qasper_local_bad").get_dataset(None, split="train")
   with pytest.raises(FileNotFoundError, match=r"gov_report.zip"):
-    list(scrolls.local_rows(str(root), "gov_report", "train"))
+    list(scrolls_files.local_rows(str(root), "gov_report", "train"))
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
