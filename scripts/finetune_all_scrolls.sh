@@ -175,5 +175,5 @@ if ((SUBMISSION)); then
     csv_args+=("--$task=${PREDICTIONS[$task]}")
   done
   run "$PYTHON" scripts/make_scrolls_submission.py "${csv_args[@]}" \
-    "--ids_data_dir=$DATA_DIR" "--output_csv=$OUTPUT_DIR/scrolls_submission.csv"
+    "--scrolls_data_dir=$DATA_DIR" "--output_csv=$OUTPUT_DIR/scrolls_submission.csv"
 fi

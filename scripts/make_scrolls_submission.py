@@ -7,7 +7,7 @@ missing or unknown id stops the script and is named.
   python scripts/make_scrolls_submission.py \
     --gov_report=preds/gov_report.jsonl --summ_screen_fd=... --qmsum=... --qasper=... \
     --narrative_qa=... --quality=... --contract_nli=... \
-    --ids_data_dir=$SCROLLS_DATA_DIR --output_csv=scrolls_predictions.csv
+    --scrolls_data_dir=$SCROLLS_DATA_DIR --output_csv=scrolls_predictions.csv
 
 The work is `colt5_flax.data.scrolls_submission.make_submission`; the CSV is written as
 the official `prepare_submission.py` writes it, then read back and compared.
@@ -25,8 +25,8 @@ _PREDICTIONS = {
     task: flags.DEFINE_string(task, None, f"JSONL predictions (id, prediction) for {task}.")
     for task in scrolls_table.NAMES
 }
-_IDS_DATA_DIR = flags.DEFINE_string(
-    "ids_data_dir",
+_DATA_DIR = flags.DEFINE_string(
+    "scrolls_data_dir",
     os.environ.get(scrolls_files.DATA_DIR_ENV),
     "Folder of the official SCROLLS files (<task>.zip or <task>/<split>.jsonl), to check "
     "the ids. Default: $SCROLLS_DATA_DIR.",
@@ -39,7 +39,7 @@ def main(argv):
   del argv
   paths = {task: flag.value for task, flag in _PREDICTIONS.items()}
   rows = scrolls_submission.make_submission(
-      paths, _IDS_DATA_DIR.value, _OUTPUT_CSV.value, _IDS_SPLIT.value
+      paths, _DATA_DIR.value, _OUTPUT_CSV.value, _IDS_SPLIT.value
   )
   logging.info("Wrote %d rows to %s", len(rows), _OUTPUT_CSV.value)
 

@@ -1,7 +1,7 @@
 r"""Scores one SCROLLS task's predictions against the official references.
 
   python scripts/score_predictions.py --task=qasper --predictions=preds/qasper.jsonl \
-    --data_dir=$SCROLLS_DATA_DIR --split=validation [--metrics_json=qasper_metrics.json]
+    --scrolls_data_dir=$SCROLLS_DATA_DIR --split=validation [--metrics_json=qasper_metrics.json]
 
 Predictions: JSONL `{"id": ..., "prediction": ...}`; references: the official files
 (`<task>.zip` or `<task>/<split>.jsonl`), rows grouped by id. The metrics are the official
@@ -22,7 +22,7 @@ from colt5_flax.data import scrolls_files, scrolls_submission, scrolls_table
 _TASK = flags.DEFINE_enum("task", None, list(scrolls_table.NAMES), "The SCROLLS task.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "JSONL file of id, prediction.")
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir",
+    "scrolls_data_dir",
     os.environ.get(scrolls_files.DATA_DIR_ENV),
     "Official SCROLLS files ($SCROLLS_DATA_DIR).",
 )

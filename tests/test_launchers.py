@@ -134,7 +134,7 @@ def test_gpu_launch_runs_every_process_and_waits(tmp_path):
     assert cwd == str(workdir)
     assert argv == expected_gpu_words(index)[4:]
   assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
-      "gpu-a.log", "gpu-b.log", "gpu-c.log",
+      "0-gpu-a.log", "1-gpu-b.log", "2-gpu-c.log",
   ]
 
 
@@ -322,7 +322,8 @@ def test_finetune_all_dry_run_prints_every_step():
       ["python3", "scripts/make_scrolls_submission.py"]
       + [f"--{t}=gs://bucket/scrolls/predictions/scrolls_{t}-test-<BEST_STEP>.jsonl"
          for t in TASKS]
-      + ["--ids_data_dir=/data/scrolls", "--output_csv=gs://bucket/scrolls/scrolls_submission.csv"]
+      + ["--scrolls_data_dir=/data/scrolls",
+         "--output_csv=gs://bucket/scrolls/scrolls_submission.csv"]
   )
   assert commands == expected
   # Every entry-point command is a configuration that parses.
@@ -408,7 +409,7 @@ def test_finetune_all_runs_the_best_checkpoint_and_builds_the_csv(tmp_path):
   assert sum(1 for c in calls if c[0] == "-c") == len(TASKS)
   assert calls[-1] == ["scripts/make_scrolls_submission.py"] + [
       f"--{t}={output}/predictions/scrolls_{t}-test-2000.jsonl" for t in TASKS
-  ] + ["--ids_data_dir=/data/scrolls", f"--output_csv={output}/scrolls_submission.csv"]
+  ] + ["--scrolls_data_dir=/data/scrolls", f"--output_csv={output}/scrolls_submission.csv"]
 
 
 @pytest.mark.parametrize(

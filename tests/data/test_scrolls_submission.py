@@ -116,14 +116,14 @@ def test_scripts_run_from_the_command_line(data_dir, tmp_path):
   subprocess.run(
       [sys.executable, str(REPO / "scripts/make_scrolls_submission.py"),
        *(f"--{task}={path}" for task, path in paths.items()),
-       f"--ids_data_dir={data_dir}", f"--output_csv={output}"],
+       f"--scrolls_data_dir={data_dir}", f"--output_csv={output}"],
       check=True, env=env, capture_output=True, timeout=300,
   )
   assert len(output.read_text().splitlines()) == 1 + 2 * len(scrolls_table.NAMES)
   predictions = write_predictions(tmp_path / "p.jsonl", [("v1", "The dog."), ("v2", "no")])
   scored = subprocess.run(
       [sys.executable, str(REPO / "scripts/score_predictions.py"), "--task=narrative_qa",
-       f"--predictions={predictions}", f"--data_dir={data_dir}"],
+       f"--predictions={predictions}", f"--scrolls_data_dir={data_dir}"],
       check=True, env=env, capture_output=True, text=True, timeout=300,
   )
   assert json.loads(scored.stdout)["f1"] == 50.0
