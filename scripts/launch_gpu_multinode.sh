@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs a colt5_flax entry point on several GPU hosts: one process per host, all GPUs of
 # the host in it, joined by jax.distributed (host 0 coordinates). Each process is started
-# over ssh and its output goes to LOG_DIR/<host>.log; the script waits for all of them and
-# fails if any fails.
+# over ssh and its output goes to LOG_DIR/<index>-<host>.log; the script waits for all of
+# them and fails if any fails.
+#
+#   scripts/launch_gpu_multinode.sh --hosts=localhost,localhost --ssh=local ...
+#
+# runs every process on this machine, without ssh (a rehearsal of a multi-host job; the
+# test suite trains this way on CPU with XLA_FLAGS=--xla_force_host_platform_device_count).
 #
 #   scripts/launch_gpu_multinode.sh --hosts=gpu-0,gpu-1,gpu-2,gpu-3 \
 #     --gin_file=models/colt5_base.gin --gin_file=runs/pretrain_ul2.gin \
@@ -25,7 +30,10 @@
 #   --port=8476           coordinator port on host 0
 #   --workdir=DIR         the repository on the hosts (default: this repository's path)
 #   --python=python3      the hosts' Python
-#   --ssh=ssh             the ssh command (e.g. "ssh -i key -p 2222")
+#   --ssh=ssh             the ssh command (e.g. "ssh -i key -p 2222"); `local`: run each
+#                         process here with bash, keeping this shell's environment
+#   --heartbeat_timeout_seconds=N  passed through: how soon the others stop when a
+#                         process dies (JAX's coordination service; default 100)
 #   --log_dir=DIR         local directory of the per-host logs (default ./logs)
 #   --dry_run             print what would run
 set -euo pipefail
@@ -54,6 +62,7 @@ for arg in "$@"; do
     --log_dir=*) LOG_DIR="${arg#*=}" ;;
     --model_dir=*) PASSTHROUGH+=("--gin.MODEL_DIR='${arg#*=}'") ;;
     --gin_file=* | --gin.* | --gin_bindings=* | --gin_search_paths=*) PASSTHROUGH+=("$arg") ;;
+    --heartbeat_timeout_seconds=* | --initialization_timeout=*) PASSTHROUGH+=("$arg") ;;
     --dry_run) DRY_RUN=1 ;;
     -h | --help) usage 0 ;;
     *) die "unknown argument '$arg' (see --help)" ;;
@@ -71,29 +80,37 @@ COORDINATOR="${HOST_LIST[0]}:${PORT}"
 read -r -a SSH_WORDS <<<"$SSH"
 
 PIDS=()
+LOGS=()
 for index in "${!HOST_LIST[@]}"; do
   host="${HOST_LIST[$index]}"
   [[ -n "$host" ]] || die "empty host name in --hosts='$HOSTS'"
   remote="cd $(quote_words "$WORKDIR") && $(quote_words "$PYTHON" -m "colt5_flax.$ENTRY" \
     --multiprocess "--coordinator_address=$COORDINATOR" "--process_count=$NUM_HOSTS" \
     "--process_index=$index" "${PASSTHROUGH[@]}")"
-  command=("${SSH_WORDS[@]}" "$host" "$remote")
+  if [[ "$SSH" == local ]]; then
+    command=(bash -c "$remote")
+  else
+    command=("${SSH_WORDS[@]}" "$host" "$remote")
+  fi
   if ((DRY_RUN)); then
     quote_words "${command[@]}"
     echo
     continue
   fi
   mkdir -p "$LOG_DIR"
-  echo "process $index on $host: log $LOG_DIR/$host.log"
-  "${command[@]}" >"$LOG_DIR/$host.log" 2>&1 &
+  LOGS+=("$LOG_DIR/$index-$host.log")
+  echo "process $index on $host: log ${LOGS[$index]}"
+  "${command[@]}" >"${LOGS[$index]}" 2>&1 &
   PIDS+=("$!")
 done
 
 ((DRY_RUN)) && exit 0
+# Ctrl-C or a kill of this script stops every process it started.
+trap 'kill "${PIDS[@]}" 2>/dev/null; exit 130' INT TERM
 status=0
 for index in "${!PIDS[@]}"; do
   if ! wait "${PIDS[$index]}"; then
-    echo "process $index on ${HOST_LIST[$index]} failed: see $LOG_DIR/${HOST_LIST[$index]}.log" >&2
+    echo "process $index on ${HOST_LIST[$index]} failed: see ${LOGS[$index]}" >&2
     status=1
   fi
 done
