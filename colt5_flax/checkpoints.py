@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from colt5_flax import partitioning
+
 PyTree = Any
 
 STATE_ITEM = "state"
@@ -63,10 +65,7 @@ def _is_chief() -> bool:
 
 def _sync(name: str) -> None:
   """All processes wait here (multi-host): the chief's file changes are then visible."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
+  partitioning.barrier(name)
 
 
 def _first_line(error: BaseException, limit: int = 400) -> str:

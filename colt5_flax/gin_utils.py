@@ -12,7 +12,9 @@
   `--gin_bindings`), applied after the files. VALUE is a gin (Python) literal: strings need
   their own quotes, `--gin.MODEL_DIR="'/tmp/run'"`.
 - `--multiprocess` (alias `--multiprocess_gpu`) calls `jax.distributed.initialize()` first,
-  with `--coordinator_address`, `--process_count`, `--process_index` when given.
+  with `--coordinator_address`, `--process_count`, `--process_index` when given, and
+  `--heartbeat_timeout_seconds` (how soon the others stop when one process dies) and
+  `--initialization_timeout` (docs/multihost.md).
 
 Module code has no gin decorators: the entry point wraps its function at run time
 (`gin.configurable(train)`, as t5x's `train.py` does), and gin files bind it through
@@ -63,6 +65,13 @@ flags.DEFINE_alias("multiprocess_gpu", "multiprocess")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("process_count", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_index", None, "This process's index (multi-host).")
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "Multi-host: a process silent this long is declared "
+    "dead and every other process stops with an error naming it (JAX's coordination service)."
+)
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
+)
 
 _MACRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ABLATIONS_DIR = "ablations"
@@ -257,7 +266,9 @@ def configure_main(function: Callable, argv: Sequence[str]) -> Callable:
     raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
   if FLAGS.multiprocess:
     partitioning.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.process_count, FLAGS.process_index
+        FLAGS.coordinator_address, FLAGS.process_count, FLAGS.process_index,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+        initialization_timeout=FLAGS.initialization_timeout,
     )
   parse_gin_flags(
       FLAGS.gin_search_paths, FLAGS.gin_file, FLAGS.gin_bindings, finalize_config=False

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import seqio
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
@@ -65,17 +66,51 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    heartbeat_timeout_seconds: int = 100,
+    initialization_timeout: int = 300,
 ) -> None:
   """`jax.distributed.initialize` for multi-host runs; call before touching any device.
 
   On TPU pods and SLURM/Open MPI clusters every argument may stay None (JAX detects them);
   elsewhere pass the coordinator's `host:port`, the number of processes and this one's id.
+
+  `heartbeat_timeout_seconds`: JAX's coordination service declares a process that sent no
+  heartbeat for this long dead, and the others then fail with an error naming it (rather
+  than waiting forever in a collective). `initialization_timeout`: how long to wait for
+  every process to join.
   """
   jax.distributed.initialize(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
       process_id=process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+      initialization_timeout=initialization_timeout,
   )
+  logging.info(
+      "jax.distributed: process %d of %d, %d local of %d devices (heartbeat timeout %d s)",
+      jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+      heartbeat_timeout_seconds,
+  )
+
+
+_barrier_counts: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_seconds: int = 1800) -> None:
+  """Every process waits here until all arrive (no-op with one process).
+
+  On JAX's coordination service (not a device collective), so a process that is minutes
+  behind (compiling, reading its data) is waited for. CPU collectives (gloo) give up
+  when a peer joins a new communicator more than 30 s late, so the trainer meets here
+  before its first step. Each call of the same `name` is a new barrier.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp
+
+  count = _barrier_counts[name] = _barrier_counts.get(name, 0) + 1
+  ocp.multihost.sync_global_processes(f"colt5_{name}_{count}", timeout=timeout_seconds)
 
 
 def create_mesh(num_partitions: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

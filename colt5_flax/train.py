@@ -345,6 +345,9 @@ def train(
       compiled_step = trainer.compile_train_step()
       logging.info("Compiled the train step in %.1fs", time.time() - compile_start)
       memory = trainer_lib.memory_report(compiled_step) if report_memory else None
+      # Hosts start the first step together: one that is still compiling or reading its
+      # data would otherwise leave the others' first collective to time out.
+      partitioning.barrier("train_loop")
 
       # -- The loop -----------------------------------------------------------------------
       unchecked = None  # (step, metrics) whose loss is not yet checked for finiteness
