@@ -17,6 +17,7 @@ import numpy as np
 from colt5_flax import network
 from colt5_flax.layers import attention
 from colt5_flax.layers.mlp import GatedMlp
+from tests import tolerances
 
 RATE = 0.5
 
@@ -28,8 +29,12 @@ def _dropped_along(dropped, kept, axis):
   zeros = dropped == 0.0
   assert np.all(zeros.all(axis=axis) | (~zeros).all(axis=axis)), "mask not shared on axis"
   if kept is not None:
-    np.testing.assert_allclose(
-        dropped, np.where(zeros, 0.0, kept / (1.0 - RATE)), rtol=1e-6, atol=1e-7
+    # Two compilations (with and without dropout) may fuse the layer before the mask
+    # differently: tests/tolerances.py for two float32 programs, a sum of at most 12
+    # terms and two steps (projection, then GELU·linear or softmax).
+    tolerances.assert_close(
+        dropped, np.where(zeros, 0.0, kept / (1.0 - RATE)), num_terms=12, depth=2,
+        programs=2,
     )
   return zeros.mean()
 

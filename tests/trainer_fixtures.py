@@ -3,6 +3,7 @@
 - `tiny_model()`: the T5.1.1 network of `configs/runs/test_tiny.gin`, built in Python for
   the in-process tests (embed 32, 2 encoder + 1 decoder layers, byte vocabulary).
 - `random_batch()`: a seqio-shaped encoder-decoder batch of random byte tokens.
+- `assert_same_step()`: two float32 runs of one train step agree (tests/tolerances.py).
 - `python -m tests.trainer_fixtures ARGS`: runs `colt5_flax.train` and, when
   `COLT5_TEST_SIGKILL_AFTER_STEP=<step>` is set, SIGKILLs itself right after the
   checkpoint of that step is complete; with `COLT5_TEST_SIGTERM_AT_STEP=<step>` it sends
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import seqio
+
+from tests import tolerances
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_GIN = REPO_ROOT / "configs" / "runs" / "test_tiny.gin"
@@ -86,6 +90,52 @@ def tiny_trainer(num_partitions: int | None, *, num_microbatches: int = 1,
   )
 
 
+# tests/tolerances.py's width and depth of `tiny_model`: the widest sum in the forward pass
+# is the MLP's 64; a parameter's gradient sums over a batch's positions (8 × 64 inputs);
+# the forward depth is 6 per encoder layer, 10 per decoder layer, 1 for the logits and 3
+# for the loss, and the backward pass goes through all of it again.
+FORWARD_DEPTH = 6 * 2 + 10 * 1 + 1 + 3
+GRADIENT_TERMS = 8 * INPUT_LENGTH
+
+
+def assert_same_metric(got: float, expected: float, name: str):
+  """One metric (loss, z_loss, accuracy, grad_norm ...) of `tiny_model` from two float32
+  programs over the same parameters and batch: the forward depth, or twice it for a norm of
+  gradients."""
+  depth = 2 * FORWARD_DEPTH if "grad" in name else FORWARD_DEPTH
+  tolerances.assert_close(
+      float(got), float(expected), num_terms=GRADIENT_TERMS, depth=depth, programs=2,
+      what=name,
+  )
+
+
+def assert_same_step(metrics, expected_metrics, params, expected_params, *, names=None):
+  """Two float32 runs of one train step from the same state summed in other orders.
+
+  metrics: dicts with `loss` and `grad_norm` (and whichever `names` to compare too).
+  params: trees of one step's results. At step 1 Adafactor's update is g/sqrt(g² + 1e-30),
+  ±1 whatever g's rounding, times 0.01·rms(param): each parameter differs only by its own
+  float32 rounding (depth 2: the step and the subtraction), relative to its tensor's size.
+  Adafactor's second moments (g² at step 1) carry twice the gradients' relative error.
+  """
+  for name in names or ("loss", "grad_norm"):
+    assert_same_metric(metrics[name], expected_metrics[name], name)
+  import jax
+
+  def check(path, got, expected):
+    got, expected = np.asarray(got), np.asarray(expected)
+    keys = jax.tree_util.keystr(path)
+    if re.search(r"\.v(_row|_col)?\[", keys):  # optax's FactoredState.v, .v_row, .v_col
+      tolerances.assert_close(
+          got, expected, num_terms=GRADIENT_TERMS, depth=2 * 2 * FORWARD_DEPTH, programs=2,
+          what=keys,
+      )
+    else:
+      tolerances.assert_close(got, expected, num_terms=1, depth=2, programs=2, what=keys)
+
+  jax.tree_util.tree_map_with_path(check, params, expected_params)
+
+
 @functools.cache
 def initial_host_state():
   """The initial TrainState of `tiny_trainer(None)`, as numpy (copy it onto any mesh)."""
@@ -125,7 +175,13 @@ def subprocess_env(compilation_cache_dir: str | None = None, num_devices: int = 
   the first one's executables (the same config compiles the same programs).
   """
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  # Other XLA flags (e.g. --xla_cpu_max_isa) carry over, so that a run of the suite under
+  # them tests the subprocesses' kernels too.
+  flags = [
+      flag for flag in env.get("XLA_FLAGS", "").split()
+      if not flag.startswith("--xla_force_host_platform_device_count")
+  ]
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["CUDA_VISIBLE_DEVICES"] = ""
   env["JAX_PLATFORMS"] = "cpu"
