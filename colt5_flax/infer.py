@@ -77,9 +77,9 @@ def infer(
         # What the model read: the tokens after truncation to the input length.
         record["inputs"] = input_vocabulary.decode(np.asarray(example["inputs"]).tolist())
       records.append(record)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # every process decoded every example; one writes
       jsonl.write(path, records)
-    logging.info("Wrote %d predictions of %s to %s", len(examples), task.name, path)
+      logging.info("Wrote %d predictions of %s to %s", len(examples), task.name, path)
     written.append(str(path))
   return written
 

@@ -194,6 +194,7 @@ class Trainer:
     if num_microbatches > 1:
       partitioner.check_batch_size(batch_size // num_microbatches, name="microbatch size")
     self._compiled_train_step = None
+    self._compiled_steps: dict[tuple, Any] = {}
 
   # -- State ----------------------------------------------------------------------------
 
@@ -382,10 +383,25 @@ class Trainer:
         out_shardings=self.partitioner.replicated,
     )
 
+  def _call(self, name: str, jitted, params: PyTree, batch: Batch):
+    """`jitted(params, batch)` under the mesh; with several processes, compiled first.
+
+    Processes compile at different speeds (one finds the persistent cache, another does
+    not); CPU collectives give up when a peer joins more than 30 s late. So each new
+    batch shape is compiled ahead, and the processes meet at a barrier before running it.
+    """
+    with self.partitioner.context():
+      if jax.process_count() == 1:
+        return jitted(params, batch)
+      key = (name, tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
+      if key not in self._compiled_steps:
+        self._compiled_steps[key] = jitted.lower(params, batch).compile()
+        partitioning.barrier(f"compiled_{name}")
+      return self._compiled_steps[key](params, batch)
+
   def eval_step(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
     """Teacher-forced metrics of one batch without dropout (`model.loss_fn`)."""
-    with self.partitioner.context():
-      return self._jitted_eval_step(params, batch)
+    return self._call("eval_step", self._jitted_eval_step, params, batch)
 
   @functools.cached_property
   def _jitted_predict_step(self):
@@ -401,8 +417,7 @@ class Trainer:
     `batch` needs `encoder_input_tokens` [batch, inputs] and `decoder_input_tokens`
     [batch, targets] (zeros: no prompt), sharded on `data`.
     """
-    with self.partitioner.context():
-      return self._jitted_predict_step(params, batch)
+    return self._call("predict_step", self._jitted_predict_step, params, batch)
 
   @functools.cached_property
   def _jitted_score_step(self):
@@ -414,8 +429,7 @@ class Trainer:
 
   def score_step(self, params: PyTree, batch: Batch) -> jax.Array:
     """Summed target log-likelihoods [batch] (`model.score_batch`)."""
-    with self.partitioner.context():
-      return self._jitted_score_step(params, batch)
+    return self._call("score_step", self._jitted_score_step, params, batch)
 
 
 def memory_report(compiled) -> dict[str, int]:
