@@ -236,8 +236,12 @@ def check_ablations_apply() -> None:
   operative = gin.operative_config_str()
   used_macros = set(_MACRO_REFERENCE.findall(operative))
   used_parameters = set(re.findall(r"^(?:[\w./]+/)?([\w.]+) = ", operative, re.MULTILINE))
+  parsed = gin.config_str()
   for path in _parsed_ablation_files:
     bindings = _bound_names(path)
+    if not any(re.search(rf"^(?:[\w./]+/)?{re.escape(n)}(\.{p})? = ", parsed, re.MULTILINE)
+               for n, p in bindings):
+      continue  # gin was cleared since that parse (tests): not this configuration's file
     applied = any(
         (name in used_macros) if not parameter else (f"{name}.{parameter}" in used_parameters)
         for name, parameter in bindings

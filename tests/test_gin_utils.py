@@ -22,6 +22,7 @@ def clean_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+  gin_utils._parsed_ablation_files.clear()
 
 
 def _parse(files, bindings):
