@@ -10,9 +10,10 @@ Mesh: `('data', 'model')` of shape `(num_devices // num_partitions, num_partitio
 `PjitPartitioner.num_partitions`; the rest of the devices split the batch.
 
 Multi-host: call `initialize_distributed()` before anything touches a device (the entry
-points do it behind `--multiprocess`); each host then reads its own shard of the data
-(`Partitioner.host_shard_info()`, a `seqio.ShardInfo`) and `Partitioner.shard_batch`
-assembles the global batch from the hosts' local pieces.
+points do it behind `--multiprocess`). Every host reads the same global batch and
+`Partitioner.shard_global_batch` keeps the rows its devices hold, so the data does not
+depend on the number of hosts (docs/multihost.md). `Partitioner.shard_batch` assembles a
+global batch from per-host pieces instead, for callers that split the data themselves.
 """
 
 from __future__ import annotations
@@ -216,7 +217,8 @@ class Partitioner:
   # -- Data -----------------------------------------------------------------------------
 
   def host_shard_info(self) -> seqio.ShardInfo:
-    """This host's share of the training data."""
+    """This host's index among the hosts, as a `seqio.ShardInfo` (for per-host splits;
+    the trainer reads the global batch on every host instead)."""
     return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
 
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
