@@ -157,7 +157,7 @@ def test_initial_checkpoint_then_non_finite_loss_stops_the_run(tmp_path):
   first_batch = next(train_lib.train_batches(
       TASK, lengths, 8, seed=0, shard_info=partitioning.Partitioner().host_shard_info()))
   expected_loss, _ = model.loss_fn(pretrained, first_batch, None)
-  assert lines[0]["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+  trainer_fixtures.assert_same_metric(lines[0]["loss"], expected_loss, "loss")
 
 
 # -- The command line (subprocesses) --------------------------------------------------------
@@ -236,8 +236,9 @@ def test_evaluate_cli_matches_a_loss_computed_by_hand(cli, uninterrupted_run):
   assert result["step"] == 4 and result["split"] == "validation"
   training_eval = _jsonl(model_dir / "eval_metrics.jsonl")[0]
   for metric in ("loss", "accuracy", "exact_match"):
-    assert result[f"{TASK}/{metric}"] == pytest.approx(training_eval[f"eval/{TASK}/{metric}"],
-                                                       rel=1e-6)
+    trainer_fixtures.assert_same_metric(
+        result[f"{TASK}/{metric}"], training_eval[f"eval/{TASK}/{metric}"], metric
+    )
 
   # By hand: the first 16 validation documents as bytes (+3: ByteVocabulary), cut to 63
   # bytes + EOS; value + EOS as targets; the model's per-token loss with step 4's params.
@@ -256,8 +257,8 @@ def test_evaluate_cli_matches_a_loss_computed_by_hand(cli, uninterrupted_run):
   loss, metrics = model.loss_fn(params, {
       "encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
       "decoder_target_tokens": targets}, None)
-  assert result[f"{TASK}/loss"] == pytest.approx(float(loss), rel=1e-5)
-  assert result[f"{TASK}/accuracy"] == pytest.approx(float(metrics["accuracy"]), rel=1e-5)
+  trainer_fixtures.assert_same_metric(result[f"{TASK}/loss"], loss, "loss")
+  trainer_fixtures.assert_same_metric(result[f"{TASK}/accuracy"], metrics["accuracy"], "accuracy")
 
 
 @pytest.mark.slow
