@@ -195,9 +195,11 @@ class Checkpointer:
     """(step, state, data_position) of the latest checkpoint that restores, or None.
 
     A complete checkpoint that fails to restore (a truncated or corrupted array file) is
-    skipped for the previous one; once one restores, the skipped ones are moved aside
-    (`set_aside`, logged with their error). If none restores, nothing is moved and the
-    error names every folder tried.
+    read once more (a passing storage error must not cost a checkpoint), then skipped for
+    the previous one; once one restores, the skipped ones are moved aside (`set_aside`,
+    logged with their error). If none restores, nothing is moved and the error names
+    every folder tried. With several processes, a checkpoint counts as restored only if
+    it restored on all of them, so they all resume from the same step.
 
     Raises:
       ValueError: when checkpoints exist but none of them restores.
@@ -207,12 +209,17 @@ class Checkpointer:
       if not self.is_complete(step):
         logging.warning("Ignoring incomplete checkpoint %s", self.step_dir(step))
         continue
-      try:
-        state, data_position = self.restore(step, abstract_state)
-      except Exception as error:  # noqa: BLE001 -- orbax/tensorstore raise many types
-        reason = _first_line(error)
-        logging.warning("Cannot restore %s: %s", self.step_dir(step), reason)
-        failures.append((step, reason))
+      reason = None
+      for _ in range(2):
+        try:
+          state, data_position = self.restore(step, abstract_state)
+          reason = None
+          break
+        except Exception as error:  # noqa: BLE001 -- orbax/tensorstore raise many types
+          reason = _first_line(error)
+          logging.warning("Cannot restore %s: %s", self.step_dir(step), reason)
+      if not partitioning.all_processes(reason is None):
+        failures.append((step, reason or "it failed to restore on another process"))
         continue
       for failed_step, reason in failures:
         self.set_aside(failed_step, reason)

@@ -114,6 +114,16 @@ def barrier(name: str, timeout_seconds: int = 1800) -> None:
   ocp.multihost.sync_global_processes(f"colt5_{name}_{count}", timeout=timeout_seconds)
 
 
+def all_processes(condition: bool) -> bool:
+  """Whether `condition` holds on every process (each passes its own; no-op with one)."""
+  if jax.process_count() == 1:
+    return bool(condition)
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.asarray([bool(condition)], np.int32))
+  return bool(np.all(flags))
+
+
 def create_mesh(num_partitions: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `('data', 'model')` mesh of shape `(len(devices) // num_partitions, num_partitions)`.
 
