@@ -21,9 +21,15 @@ What a run leaves in `MODEL_DIR`:
 
 Resuming is automatic: a run finds the latest complete checkpoint in `MODEL_DIR`, restores
 it onto the current mesh, and skips the batches already consumed, so the continued run
-is bit-identical to an uninterrupted one. SIGTERM (preemption) saves a checkpoint and
-returns cleanly. A non-finite loss stops the run with FloatingPointError naming the step;
-no checkpoint is written after it.
+is bit-identical to an uninterrupted one (an unreadable latest checkpoint is skipped for
+the previous one and moved aside, see `checkpoints.py`). Every host reads the same global
+batches, so a run may resume on a different number of hosts (docs/multihost.md). SIGTERM
+(preemption) saves a checkpoint and returns cleanly; with several processes they agree
+on the step first. A non-finite loss stops the run with FloatingPointError naming the
+step; no checkpoint is written after it.
+
+The console gets the mesh, the process count and each host's rows at start, not the
+configuration (that is `MODEL_DIR/config.gin`).
 """
 
 from __future__ import annotations
