@@ -51,20 +51,20 @@ class EncoderLayer(nn.Module):
   norm's output is what both the light and the heavy branch, and their routers, see.
 
   Attributes:
-    attention_factory: builds an encoder self-attention (interface of
-      `attention.SelfAttention`).
+    attention_factory: builds an `attention.EncoderAttention`.
     feed_forward_factory: builds a feedforward called as `ff(x, mask=, enable_dropout=)`.
     dropout_rate: residual dropout (0.1 in fine-tuning, 0 in pretraining).
   """
 
-  attention_factory: ModuleFactory
+  attention_factory: Callable[..., attention.EncoderAttention]
   feed_forward_factory: ModuleFactory
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, segment_ids, rel_embeddings, enable_dropout: bool = False):
-    """x [batch, length, embed] -> [batch, length, embed]; mask [batch, length] bool.
+  def __call__(self, x, mask, segment_ids, tables, enable_dropout: bool = False):
+    """x [batch, length, embed] -> [batch, length, embed]; mask [batch, length] bool;
+    tables the stack's `RelativePositionTables`.
 
     Positional arguments only, so that `nn.scan` and `nn.remat` can wrap the layer.
     """
@@ -73,10 +73,10 @@ class EncoderLayer(nn.Module):
     h = RMSNorm(dtype=self.dtype, name="pre_attention_layer_norm")(x)
     h = self.attention_factory(name="attention")(
         h,
+        tables=tables,
         mask=mask,
         segment_ids=segment_ids,
         enable_dropout=enable_dropout,
-        **rel_embeddings,
     )
     x = x + _dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = RMSNorm(dtype=self.dtype, name="pre_mlp_layer_norm")(x)
@@ -246,14 +246,15 @@ class Encoder(nn.Module):
   Attributes:
     num_layers: encoder layers (12 for B, 24 for L and XL).
     attention_factory, feed_forward_factory: the encoder kind (see module docstring).
-    num_buckets, max_distance: relative-position table size shared by the layers.
+    num_buckets, max_distance: the relative-position bucketing of every table the layers
+      read (T5: 32 buckets, logarithmic up to 128).
     scan_layers: `nn.scan` over layers (one compiled layer; faster compiles at depth).
     remat_policy: "none", "full" (recompute everything) or a `jax.checkpoint_policies`
       name; saves activation memory at long input lengths.
   """
 
   num_layers: int
-  attention_factory: ModuleFactory
+  attention_factory: Callable[..., attention.EncoderAttention]
   feed_forward_factory: ModuleFactory
   dropout_rate: float = 0.0
   num_buckets: int = 32
@@ -267,16 +268,20 @@ class Encoder(nn.Module):
     """embedded [batch, length, embed], mask [batch, length] bool -> [batch, length, embed]."""
     spec = self.attention_factory().relative_bias_spec()
     # T5 and LongT5 share each relative-position table across the layers of a stack.
-    rel_embeddings = {
-        keyword: relative_position.RelativePositionBias(
-            num_heads=heads,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-            bidirectional=True,
-            name=keyword.replace("rel_embedding", "relpos_bias"),
-        ).embedding()
-        for keyword, heads in sorted(spec.items())
-    }
+    tables = relative_position.RelativePositionTables(
+        embeddings={
+            name: relative_position.RelativePositionBias(
+                num_heads=heads,
+                num_buckets=self.num_buckets,
+                max_distance=self.max_distance,
+                bidirectional=True,
+                name=name,
+            ).embedding()
+            for name, heads in sorted(spec.items())
+        },
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+    )
     x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
     x = jnp.asarray(x, self.dtype)
     layer_kwargs = dict(
@@ -289,7 +294,7 @@ class Encoder(nn.Module):
         EncoderLayer,
         layer_kwargs,
         x,
-        (mask, segment_ids, rel_embeddings, enable_dropout),
+        (mask, segment_ids, tables, enable_dropout),
         num_layers=self.num_layers,
         scan_layers=self.scan_layers,
         remat_policy=self.remat_policy,
@@ -589,8 +594,6 @@ def t5_encoder_factory(
           head_dim=head_dim,
           dropout_rate=dropout_rate,
           dtype=dtype,
-          num_buckets=num_buckets,
-          max_distance=max_distance,
       ),
       feed_forward_factory=functools.partial(
           GatedMlp, hidden_dim=mlp_dim, dropout_rate=dropout_rate, dtype=dtype

@@ -37,24 +37,24 @@ def _encoder_factory(kind: str, *, num_layers=2, scan_layers=False, remat_policy
   feed_forward = functools.partial(GatedMlp, hidden_dim=MLP)
   if kind == "t5":
     attention_factory = functools.partial(
-        attention.SelfAttention, num_heads=HEADS, head_dim=HEAD_DIM, **common
+        attention.SelfAttention, num_heads=HEADS, head_dim=HEAD_DIM
     )
   elif kind == "local":
     attention_factory = functools.partial(
         local_attention.LocalSelfAttention,
-        num_heads=HEADS, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS, **common,
+        num_heads=HEADS, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
     )
   elif kind == "tglobal":
     attention_factory = functools.partial(
         local_attention.TransientGlobalSelfAttention,
         num_heads=HEADS, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
-        global_block_size=GLOBAL_BLOCK, **common,
+        global_block_size=GLOBAL_BLOCK,
     )
   elif kind == "colt5":
     attention_factory = functools.partial(
         conditional.ConditionalAttention,
         num_light_heads=1, num_heavy_heads=3, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
-        capacity=routing.RoutingCapacity(fraction=1 / 4), **common,
+        capacity=routing.RoutingCapacity(fraction=1 / 4),
     )
     feed_forward = functools.partial(
         conditional.ConditionalFeedForward,
@@ -481,16 +481,25 @@ def test_network_names_mismatched_decoder_shapes():
     )
 
 
-def test_t5_encoder_factory_passes_relative_buckets_to_attention():
-  factory = network.t5_encoder_factory(
-      num_layers=1, num_heads=HEADS, mlp_dim=MLP, head_dim=HEAD_DIM,
-      num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE,
-  )
-  embedded = jnp.zeros((1, 5, EMBED))
-  mask = jnp.ones((1, 5), bool)
-  shapes = jax.eval_shape(lambda: factory().init(jax.random.PRNGKey(0), embedded, mask))
-  table = shapes["params"]["relpos_bias"]["rel_embedding"]
-  assert table.value.shape == (HEADS, NUM_BUCKETS)
+# Not "local": its window (radius 2) sees offsets ≤ 2, whose buckets do not depend on
+# max_distance; the TGlobal side and CoLT5's heavy branch see far offsets.
+@pytest.mark.parametrize("kind", ["t5", "tglobal", "colt5"])
+def test_encoder_bucketing_reaches_every_table(kind):
+  # The encoder owns the bucketing of all its tables: its max_distance must change what
+  # the layers read (it once had no effect), and its num_buckets sizes every table.
+  factory = _encoder_factory(kind, num_layers=1)
+  embedded = jax.random.normal(jax.random.PRNGKey(1), (1, 40, EMBED))
+  mask = jnp.ones((1, 40), bool)
+  encoder = factory()
+  variables = encoder.init(jax.random.PRNGKey(0), embedded, mask)
+  tables = {name: module["rel_embedding"] for name, module in variables["params"].items()
+            if "rel_embedding" in module}
+  assert tables and all(t.value.shape[-1] == NUM_BUCKETS for t in tables.values())
+  assert set(tables) == set(encoder.attention_factory().relative_bias_spec())
+  near = np.asarray(encoder.apply(variables, embedded, mask))
+  far = np.asarray(factory(max_distance=4 * MAX_DISTANCE).apply(variables, embedded, mask))
+  # Offsets between 4 and 40 fall in other log buckets: every layer sees other biases.
+  assert np.abs(near - far).max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- logits

@@ -247,8 +247,6 @@ def build_network(
   attention_kwargs = dict(
       num_heads=arch.num_heads,
       head_dim=arch.head_dim,
-      num_buckets=arch.num_buckets,
-      max_distance=arch.max_distance,
       dropout_rate=arch.dropout_rate,
       dtype=dtype,
   )
@@ -367,7 +365,8 @@ def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
     lines.append("# logits_dense holds T5 v1.0's d_model^-0.5 rescale (untied output layer).")
   if (arch.num_buckets, arch.max_distance) != (32, 128):
     lines.append("# Relative position buckets other than T5's 32 / 128.")
-    for configurable in ("network.Encoder", attention_ref, "network.Decoder"):
+    # The encoder's bucketing is its tables' (RelativePositionTables); the decoder has its own.
+    for configurable in ("network.Encoder", "network.Decoder"):
       lines.append(f"{configurable}.num_buckets = {arch.num_buckets}")
       lines.append(f"{configurable}.max_distance = {arch.max_distance}")
   return "\n".join(lines) + "\n"

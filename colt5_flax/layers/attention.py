@@ -5,8 +5,8 @@ transient-global and CoLT5's routed heavy attention all call it, so masking, flo
 softmax and the no-NaN guarantee for rows that may attend to nothing live in one place.
 """
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,37 @@ from colt5_flax.layers import relative_position
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+
+
+class EncoderAttention(Protocol):
+  """What every encoder self-attention implements, so the encoder swaps them by factory.
+
+  Implemented by `SelfAttention` (T5.1.1), `local_attention.LocalSelfAttention`
+  (LongT5-local), `local_attention.TransientGlobalSelfAttention` (LongT5-TGlobal) and
+  `conditional.ConditionalAttention` (CoLT5).
+  """
+
+  def relative_bias_spec(self) -> Mapping[str, int]:
+    """{table name: heads} of the stack-shared relative-position tables the layer reads;
+    the stack creates each as a parameter of that name (`RelativePositionTables`)."""
+    ...
+
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      tables: relative_position.RelativePositionTables,
+      mask: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      enable_dropout: bool = False,
+  ) -> jax.Array:
+    """x [batch, length, embed] (layer-normed) -> [batch, length, embed].
+
+    mask [batch, length] bool, True = real token (None: all real); segment_ids
+    [batch, length] int keep packed examples apart (None: one example per row);
+    enable_dropout applies attention dropout ('dropout' rng) and training-time routing.
+    """
+    ...
 
 # Large and finite: -inf would turn an all-masked row into NaN.
 _MASK_VALUE = -1e10
@@ -336,41 +367,26 @@ class MultiHeadAttention(nn.Module):
 
 
 class SelfAttention(MultiHeadAttention):
-  """T5.1.1's full bidirectional self-attention, in the encoder self-attention interface.
+  """T5.1.1's full bidirectional self-attention, an `EncoderAttention`.
 
-  Every encoder attention (this one, `LocalSelfAttention`, `TransientGlobalSelfAttention`,
-  `ConditionalAttention`) has the same interface, so the encoder swaps them through one
-  factory:
-    - `relative_bias_spec()` maps each stack-shared relative-position table the module
-      reads (by the keyword argument that receives it) to its head count; the stack
-      creates one table per entry and passes each to every layer under that keyword.
-    - `__call__(x, *, mask, segment_ids, enable_dropout, **tables)`, each table
-      [heads, num_buckets].
-
-  Attributes (beyond MultiHeadAttention's):
-    num_buckets, max_distance: T5 relative position buckets (32, 128).
+  Reads the stack's `relpos_bias` table (T5's relative position bias).
   """
-
-  num_buckets: int = 32
-  max_distance: int = 128
 
   def relative_bias_spec(self) -> dict[str, int]:
     """{table name: heads} of the stack-shared relative-position tables this reads."""
-    return {"rel_embedding": self.num_heads}
+    return {"relpos_bias": self.num_heads}
 
-  def __call__(self, x, *, rel_embedding, mask=None, segment_ids=None, enable_dropout=False):
+  def __call__(self, x, *, tables, mask=None, segment_ids=None, enable_dropout=False):
     """x [batch, length, embed]; mask [batch, length] bool; returns [batch, length, embed].
 
-    `segment_ids` [batch, length] keeps packed examples apart.
+    `tables` the stack's `RelativePositionTables`; `segment_ids` [batch, length] keeps
+    packed examples apart.
     """
     positions = jnp.arange(x.shape[1])
-    bias = relative_position.bias_from_embedding(
-        rel_embedding,
-        relative_position.relative_positions(positions, positions),
-        bidirectional=True,
-        num_buckets=self.num_buckets,
-        max_distance=self.max_distance,
-    )[None]
+    bias = tables.bias(
+        "relpos_bias", self.num_heads, relative_position.relative_positions(positions, positions)
+    )
+    bias = None if bias is None else bias[None]
     attention_mask = None
     if mask is not None:
       attention_mask = make_attention_mask(mask, mask)

@@ -136,8 +136,6 @@ class ConditionalAttention(nn.Module):
   num_heavy_heads: int = 8
   head_dim: int = 64
   local_radius: int = 127
-  num_buckets: int = 32
-  max_distance: int = 128
   capacity: routing_lib.RoutingCapacity = routing_lib.RoutingCapacity()
   router_factory: RouterFactory = routing_lib.Router
   heavy_position_bias: bool = True
@@ -149,9 +147,9 @@ class ConditionalAttention(nn.Module):
 
   def relative_bias_spec(self) -> dict[str, int]:
     """Two stack-shared tables: the light (local) and the heavy (routed) heads'."""
-    spec = {"light_rel_embedding": self.num_light_heads}
+    spec = {"light_relpos_bias": self.num_light_heads}
     if self.use_heavy_branch and self.heavy_position_bias:
-      spec["heavy_rel_embedding"] = self.num_heavy_heads
+      spec["heavy_relpos_bias"] = self.num_heavy_heads
     return spec
 
   @nn.compact
@@ -159,25 +157,26 @@ class ConditionalAttention(nn.Module):
       self,
       x,
       *,
-      light_rel_embedding,
-      heavy_rel_embedding=None,
+      tables,
       mask=None,
       segment_ids=None,
       enable_dropout=False,
   ):
-    """x [batch, length, embed] (layer-normed); mask [batch, length] bool -> like x."""
+    """x [batch, length, embed] (layer-normed); mask [batch, length] bool -> like x.
+
+    `tables`: the stack's `RelativePositionTables` (`relative_bias_spec()`'s tables).
+    """
     light = LocalSelfAttention(
         num_heads=self.num_light_heads,
         head_dim=self.head_dim,
         local_radius=self.local_radius,
-        num_buckets=self.num_buckets,
-        max_distance=self.max_distance,
+        table_name="light_relpos_bias",
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
         name="light",
     )(
         x,
-        rel_embedding=light_rel_embedding,
+        tables=tables,
         mask=mask,
         segment_ids=segment_ids,
         enable_dropout=enable_dropout,
@@ -223,18 +222,16 @@ class ConditionalAttention(nn.Module):
       )
     bias = None
     if self.heavy_position_bias:
-      if heavy_rel_embedding is None:
-        raise ValueError(
-            "ConditionalAttention.heavy_position_bias=True needs heavy_rel_embedding (the "
-            "stack builds it from relative_bias_spec())"
-        )
-      bias = relative_position.bias_from_embedding(
-          heavy_rel_embedding,
+      bias = tables.bias(
+          "heavy_relpos_bias",
+          self.num_heavy_heads,
           relative_position.relative_positions(query_positions, kv_positions),
-          bidirectional=True,
-          num_buckets=self.num_buckets,
-          max_distance=self.max_distance,
       )
+      if bias is None:
+        raise ValueError(
+            "ConditionalAttention.heavy_position_bias=True needs the stack's "
+            "'heavy_relpos_bias' table (the stack builds it from relative_bias_spec())"
+        )
     attended = heavy.attend(
         query, key, value, mask=heavy_mask, bias=bias, enable_dropout=enable_dropout
     )

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colt5_flax.layers import attention, normalization, relative_position
+from colt5_flax.layers import attention, normalization
 
 Dtype = Any
 
@@ -166,7 +166,7 @@ def global_aggregates(x, block_ids, num_globals: int):
   return sums.at[rows, target].add(jnp.asarray(x, jnp.float32), mode="drop")
 
 
-def _check_inputs(x, mask, segment_ids, tables, num_heads: int, num_buckets: int):
+def _check_inputs(x, mask, segment_ids):
   """Shape checks with the offending values; returns `mask` as bool [batch, length]."""
   if x.ndim != 3:
     raise ValueError(f"x must be [batch, length, embed], got shape {x.shape}")
@@ -179,11 +179,6 @@ def _check_inputs(x, mask, segment_ids, tables, num_heads: int, num_buckets: int
     raise ValueError(
         f"segment_ids shape {segment_ids.shape} != (batch, length) = {(batch, length)}"
     )
-  for name, table in tables.items():
-    if table is not None and table.shape != (num_heads, num_buckets):
-      raise ValueError(
-          f"{name} shape {table.shape} != (num_heads, num_buckets) = {(num_heads, num_buckets)}"
-      )
   return jnp.asarray(mask, bool)
 
 
@@ -193,8 +188,7 @@ class _BlockedLocalAttention(nn.Module):
   num_heads: int
   head_dim: int = 64
   local_radius: int = 127
-  num_buckets: int = 32
-  max_distance: int = 128
+  table_name: str = "relpos_bias"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
@@ -204,8 +198,8 @@ class _BlockedLocalAttention(nn.Module):
     return self.local_radius + 1
 
   def relative_bias_spec(self) -> dict[str, int]:
-    """{keyword argument: heads} of the stack-shared relative-position tables read."""
-    return {"rel_embedding": self.num_heads}
+    """{table name: heads} of the stack-shared relative-position tables read."""
+    return {self.table_name: self.num_heads}
 
   def setup(self):
     if self.local_radius < 0:
@@ -219,16 +213,13 @@ class _BlockedLocalAttention(nn.Module):
         dropout_rate=self.dropout_rate,
     )
 
-  def _window_bias(self, rel_embedding):
-    """[heads, block_len, 3 * block_len] float32, the same for every block; or None."""
-    if rel_embedding is None:
+  def _window_bias(self, tables):
+    """[heads, block_len, 3 * block_len] float32, the same for every block; or None
+    without a table."""
+    if tables is None:
       return None
-    return relative_position.bias_from_embedding(
-        rel_embedding,
-        three_block_relative_positions(self.block_len),
-        bidirectional=True,
-        num_buckets=self.num_buckets,
-        max_distance=self.max_distance,
+    return tables.bias(
+        self.table_name, self.num_heads, three_block_relative_positions(self.block_len)
     )
 
   def _project_blocked(self, x):
@@ -271,7 +262,8 @@ class LocalSelfAttention(_BlockedLocalAttention):
     head_dim: per-head width (64 in T5).
     local_radius: keys within this many positions on each side are visible; 127 being
       the LongT5 and CoLT5 default (window 255, blocks of 128).
-    num_buckets, max_distance: T5 relative position buckets (32, 128).
+    table_name: the stack's relative-position table this reads ("relpos_bias"; CoLT5's
+      light branch reads "light_relpos_bias").
     dtype: activation dtype; the softmax is float32 whatever it is.
     dropout_rate: dropout on the attention weights.
   """
@@ -280,7 +272,7 @@ class LocalSelfAttention(_BlockedLocalAttention):
       self,
       x,
       *,
-      rel_embedding=None,
+      tables=None,
       mask=None,
       segment_ids=None,
       enable_dropout: bool = False,
@@ -289,8 +281,8 @@ class LocalSelfAttention(_BlockedLocalAttention):
 
     Args:
       x: [batch, length, embed], any length (padded internally to whole blocks).
-      rel_embedding: the stack's relative position table [heads, num_buckets], or None
-        for no position bias.
+      tables: the stack's `RelativePositionTables`; without one (or without this layer's
+        table in it) no position bias.
       mask: bool [batch, length], True = real token; None = all real.
       segment_ids: int [batch, length] packed-example ids; tokens attend within their own
         segment only. None = one example per row.
@@ -299,9 +291,7 @@ class LocalSelfAttention(_BlockedLocalAttention):
     Returns:
       [batch, length, embed] in `dtype`; exactly 0 at padding positions.
     """
-    mask = _check_inputs(
-        x, mask, segment_ids, {"rel_embedding": rel_embedding}, self.num_heads, self.num_buckets
-    )
+    mask = _check_inputs(x, mask, segment_ids)
     batch, length, embed = x.shape
     query, key, value = self._project_blocked(x)
     # [batch, num_blocks, 1, block_len, 3 * block_len], broadcast over heads.
@@ -311,7 +301,7 @@ class LocalSelfAttention(_BlockedLocalAttention):
         key,
         value,
         mask=window_mask,
-        bias=self._window_bias(rel_embedding),
+        bias=self._window_bias(tables),
         enable_dropout=enable_dropout,
     )
     return self._unblock_and_project(attended, length, embed)
@@ -325,7 +315,7 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
   the sum of each block of `global_block_size` input vectors (padding excluded, a trailing
   partial block joining the last full one), RMS-normed by this layer's own
   `global_input_layer_norm`, and projected with this layer's K and V weights. The global
-  side has its own relative position bias, from the stack-shared `global_rel_embedding`
+  side has its own relative position bias, from the stack-shared `global_relpos_bias`
   table, over (global index − the query token's block id). Matches transformers'
   `LongT5TransientGlobalAttention` for the same weights (see the module docstring).
 
@@ -335,13 +325,15 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
   Attributes:
     as `LocalSelfAttention`, plus
     global_block_size: tokens summed into one global token (16 in LongT5).
+    global_table_name: the stack's table of the global side ("global_relpos_bias").
   """
 
   global_block_size: int = 16
+  global_table_name: str = "global_relpos_bias"
 
   def relative_bias_spec(self) -> dict[str, int]:
     """The local window's table and the global side's, both shared by the stack."""
-    return {"rel_embedding": self.num_heads, "global_rel_embedding": self.num_heads}
+    return {self.table_name: self.num_heads, self.global_table_name: self.num_heads}
 
   def setup(self):
     super().setup()
@@ -355,8 +347,7 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
       self,
       x,
       *,
-      rel_embedding=None,
-      global_rel_embedding=None,
+      tables=None,
       mask=None,
       segment_ids=None,
       enable_dropout: bool = False,
@@ -365,10 +356,9 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
 
     Args:
       x: [batch, length, embed], any length.
-      rel_embedding: the stack's local relative position table [heads, num_buckets]
-        (HF layer 0 `relative_attention_bias`), or None for no local bias.
-      global_rel_embedding: the stack's global-side table [heads, num_buckets] (HF layer 0
-        `global_relative_attention_bias`), or None for no side bias.
+      tables: the stack's `RelativePositionTables`: the local table (HF layer 0
+        `relative_attention_bias`) and the global side's (HF layer 0
+        `global_relative_attention_bias`); a missing one adds no bias on its side.
       mask: bool [batch, length], True = real token; None = all real.
       segment_ids: int [batch, length] packed-example ids, or None.
       enable_dropout: attention-weight dropout ('dropout' rng).
@@ -376,14 +366,7 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
     Returns:
       [batch, length, embed] in `dtype`; exactly 0 at padding positions.
     """
-    mask = _check_inputs(
-        x,
-        mask,
-        segment_ids,
-        {"rel_embedding": rel_embedding, "global_rel_embedding": global_rel_embedding},
-        self.num_heads,
-        self.num_buckets,
-    )
+    mask = _check_inputs(x, mask, segment_ids)
     batch, length, embed = x.shape
     block_len = self.block_len
 
@@ -419,27 +402,22 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
 
     # Bias: [batch, num_blocks, heads, block_len, 3 * block_len + G], or None.
     bias = None
-    if rel_embedding is not None or global_rel_embedding is not None:
+    window_bias = self._window_bias(tables)
+    side_bias = None
+    if tables is not None:
+      query_block_ids = split_into_blocks(block_ids, block_len, axis=1, pad_value=-1)
+      side_relative = (
+          jnp.arange(num_globals, dtype=jnp.int32)[None, None, None, :]
+          - query_block_ids[..., None]
+      )
+      side_bias = tables.bias(self.global_table_name, self.num_heads, side_relative)
+    if window_bias is not None or side_bias is not None:
       bias_shape = (batch, num_blocks, self.num_heads, block_len)
-      window_bias = self._window_bias(rel_embedding)
       if window_bias is None:
         window_bias = jnp.zeros((*bias_shape, 3 * block_len), jnp.float32)
       window_bias = jnp.broadcast_to(window_bias, (*bias_shape, 3 * block_len))
-      if global_rel_embedding is None:
+      if side_bias is None:
         side_bias = jnp.zeros((*bias_shape, num_globals), jnp.float32)
-      else:
-        query_block_ids = split_into_blocks(block_ids, block_len, axis=1, pad_value=-1)
-        side_relative = (
-            jnp.arange(num_globals, dtype=jnp.int32)[None, None, None, :]
-            - query_block_ids[..., None]
-        )
-        side_bias = relative_position.bias_from_embedding(
-            global_rel_embedding,
-            side_relative,
-            bidirectional=True,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-        )
       bias = jnp.concatenate([window_bias, side_bias], axis=-1)
 
     attended = self.attention.attend(

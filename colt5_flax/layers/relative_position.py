@@ -1,16 +1,19 @@
 """T5's bucketed relative position bias.
 
 T5 and LongT5 keep one bias table per stack (encoder or decoder), shared by all layers.
-Our stacks own a `RelativePositionBias` and pass its table down as an array; each
-attention layer turns it into a bias for whichever positions it attends over (a local
-window, routed tokens at their original positions, global blocks), through
-`bias_from_embedding`. That one function is the only place the lookup happens.
+Our encoder owns its tables (`RelativePositionBias` parameters) and hands them down as
+one `RelativePositionTables`, which also carries the stack's bucketing (num_buckets,
+max_distance); each attention layer turns a table into a bias for whichever positions it
+attends over (a local window, routed tokens at their original positions, global blocks),
+through `bias_from_embedding`. That one function is the only place the lookup happens.
 """
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -88,6 +91,51 @@ def bias_from_embedding(
   )
   values = jnp.take(jnp.asarray(rel_embedding, jnp.float32).T, buckets, axis=0)  # [..., q, k, h]
   return jnp.moveaxis(values, -1, -3)
+
+
+@flax.struct.dataclass
+class RelativePositionTables:
+  """A stack's relative-position tables and their bucketing, shared by all its layers.
+
+  Encoder attentions declare the tables they read (`relative_bias_spec()`: name -> heads;
+  T5 and LongT5-local one, `relpos_bias`; LongT5-TGlobal a second for the global side;
+  CoLT5 one for the light and one for the heavy heads), the stack creates them as
+  parameters named after them and passes this structure to every layer.
+
+  Attributes:
+    embeddings: {table name: [heads, num_buckets] float32}.
+    num_buckets: buckets per table (T5: 32).
+    max_distance: distance where the logarithmic buckets end (T5: 128).
+  """
+
+  embeddings: Mapping[str, jax.Array]
+  num_buckets: int = flax.struct.field(pytree_node=False, default=32)
+  max_distance: int = flax.struct.field(pytree_node=False, default=128)
+
+  def table(self, name: str, num_heads: int) -> jax.Array | None:
+    """The [num_heads, num_buckets] table `name`; None if the stack holds none of that
+    name (the layer then adds no position bias)."""
+    table = self.embeddings.get(name)
+    if table is not None and table.shape != (num_heads, self.num_buckets):
+      raise ValueError(
+          f"relative-position table {name!r} has shape {table.shape}; the layer expects "
+          f"(num_heads, num_buckets) = {(num_heads, self.num_buckets)}"
+      )
+    return table
+
+  def bias(self, name: str, num_heads: int, relative_position, *, bidirectional: bool = True):
+    """float32 [..., heads, q, k] of table `name` at int `relative_position` [..., q, k]
+    (key minus query position); None when the stack holds no such table."""
+    table = self.table(name, num_heads)
+    if table is None:
+      return None
+    return bias_from_embedding(
+        table,
+        relative_position,
+        bidirectional=bidirectional,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance,
+    )
 
 
 class RelativePositionBias(nn.Module):

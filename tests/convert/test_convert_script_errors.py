@@ -1,7 +1,5 @@
 """scripts/convert_hf_checkpoint.py on damaged downloads: the error names the file."""
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -9,15 +7,6 @@ import pytest
 pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "convert_hf_checkpoint.py"
-
-
-@pytest.fixture(scope="module")
-def script():
-  spec = importlib.util.spec_from_file_location("convert_hf_checkpoint", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _hf_dir(tmp_path):

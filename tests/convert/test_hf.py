@@ -9,7 +9,6 @@ layers.
 
 import copy
 import functools
-import importlib.util
 import pathlib
 import types
 
@@ -45,7 +44,6 @@ _COMMON = dict(
 )
 LOCAL_RADIUS, GLOBAL_BLOCK = 2, 4
 
-_SCRIPT = pathlib.Path(__file__).parents[2] / "scripts" / "convert_hf_checkpoint.py"
 
 
 def _hf_model(kind: str, *, tied: bool, untie_head: bool = False, seed: int = 0):
@@ -240,14 +238,6 @@ def _with_gin_network(gin_text, use):
   finally:
     gin.clear_config()
 
-
-
-@pytest.fixture(scope="module")
-def script():
-  spec = importlib.util.spec_from_file_location("convert_hf_checkpoint", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")

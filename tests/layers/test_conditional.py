@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers import conditional
+from colt5_flax.layers.relative_position import RelativePositionTables
 from colt5_flax.layers.routing import Router, RoutingCapacity
 from tests import reference
 
@@ -148,6 +149,11 @@ HEAD_DIM = 4
 RADIUS = 3
 
 
+def _tables(raw):
+  """The stack's RelativePositionTables of {name: [heads, 32]} (T5's 32 / 128 buckets)."""
+  return RelativePositionTables({name: jnp.asarray(table) for name, table in raw.items()})
+
+
 def _attention(**kwargs):
   return conditional.ConditionalAttention(
       num_light_heads=1,
@@ -164,8 +170,8 @@ def _attention(**kwargs):
 def tables():
   rng = np.random.default_rng(5)
   return {
-      "light_rel_embedding": rng.normal(size=(1, 32)).astype(np.float32),
-      "heavy_rel_embedding": rng.normal(size=(2, 32)).astype(np.float32),
+      "light_relpos_bias": rng.normal(size=(1, 32)).astype(np.float32),
+      "heavy_relpos_bias": rng.normal(size=(2, 32)).astype(np.float32),
   }
 
 
@@ -182,7 +188,7 @@ def _expected_attention(x, mask, p, tables, q_idx, q_w, kv_idx, kv_w):
     band = np.abs(positions[None, :] - positions[:, None]) <= RADIUS
     allowed = band & mask[b][None, :] & mask[b][:, None]
     light = reference.attention(
-        q, k, v, positions_q=positions, positions_k=positions, table=tables["light_rel_embedding"],
+        q, k, v, positions_q=positions, positions_k=positions, table=tables["light_relpos_bias"],
         allowed=allowed,
     )
     out[b] = np.einsum("lhd,hde->le", light, lp["out"]["kernel"])
@@ -195,7 +201,7 @@ def _expected_attention(x, mask, p, tables, q_idx, q_w, kv_idx, kv_w):
     v = np.einsum("le,ehd->lhd", xkv, hp["value"]["kernel"])
     allowed = mask[b][q_idx[b]][:, None] & mask[b][kv_idx[b]][None, :]
     heavy = reference.attention(
-        q, k, v, positions_q=q_idx[b], positions_k=kv_idx[b], table=tables["heavy_rel_embedding"],
+        q, k, v, positions_q=q_idx[b], positions_k=kv_idx[b], table=tables["heavy_relpos_bias"],
         allowed=allowed,
     )
     heavy = np.einsum("lhd,hde->le", heavy, hp["out"]["kernel"]) * q_w[b][:, None]
@@ -207,9 +213,9 @@ def _expected_attention(x, mask, p, tables, q_idx, q_w, kv_idx, kv_w):
 def learned_attention(inputs, tables):
   x, mask = inputs
   module = _attention()
-  variables = module.init(jax.random.PRNGKey(2), x, **tables, mask=mask)
+  variables = module.init(jax.random.PRNGKey(2), x, tables=_tables(tables), mask=mask)
   apply = jax.jit(functools.partial(module.apply, mutable=["intermediates"]))
-  out, state = apply(variables, x, **tables, mask=mask)
+  out, state = apply(variables, x, tables=_tables(tables), mask=mask)
   return _unbox(variables["params"]), np.asarray(out), state["intermediates"]
 
 
@@ -240,9 +246,9 @@ def test_attention_matches_numpy(inputs, tables, learned_attention):
 def test_attention_all_routed_static_equals_light_plus_full_attention(inputs, tables):
   x, mask = inputs
   module = _attention(routing="static", capacity=RoutingCapacity(fraction=1.0))
-  variables = module.init(jax.random.PRNGKey(3), x, **tables, mask=mask)
+  variables = module.init(jax.random.PRNGKey(3), x, tables=_tables(tables), mask=mask)
   p = _unbox(variables["params"])
-  got = np.asarray(module.apply(variables, x, **tables, mask=mask))
+  got = np.asarray(module.apply(variables, x, tables=_tables(tables), mask=mask))
   everything = np.broadcast_to(np.arange(LENGTH), (3, LENGTH))
   ones = mask.astype(np.float64)
   # With every token routed at weight 1 the heavy branch is plain full attention; the
@@ -258,11 +264,11 @@ def test_attention_all_routed_static_equals_light_plus_full_attention(inputs, ta
 def test_attention_value_all_tokens_ablation(inputs, tables):
   x, mask = inputs
   module = _attention(route_key_values=False)
-  variables = module.init(jax.random.PRNGKey(4), x, **tables, mask=mask)
+  variables = module.init(jax.random.PRNGKey(4), x, tables=_tables(tables), mask=mask)
   p = _unbox(variables["params"])
   assert "kv_router" not in p
   got, state = module.apply(
-      variables, x, **tables, mask=mask, mutable=["intermediates"]
+      variables, x, tables=_tables(tables), mask=mask, mutable=["intermediates"]
   )
   q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
   q_w = np.stack([
@@ -283,9 +289,9 @@ def test_attention_value_all_tokens_ablation(inputs, tables):
 def test_attention_shared_router_and_no_heavy_branch(inputs, tables):
   x, mask = inputs
   shared = _attention(share_router=True)
-  variables = shared.init(jax.random.PRNGKey(5), x, **tables, mask=mask)
+  variables = shared.init(jax.random.PRNGKey(5), x, tables=_tables(tables), mask=mask)
   assert {"router", "light", "heavy"} == set(variables["params"])
-  _, state = shared.apply(variables, x, **tables, mask=mask,
+  _, state = shared.apply(variables, x, tables=_tables(tables), mask=mask,
                           mutable=["intermediates"])
   q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
   kv_idx = np.asarray(state["intermediates"]["kv_routed_indices"][0])
@@ -293,21 +299,21 @@ def test_attention_shared_router_and_no_heavy_branch(inputs, tables):
     assert set(q_idx[b]) <= set(kv_idx[b])  # Queries are a subset of the shared choice.
 
   light_only = _attention(use_heavy_branch=False)
-  variables = light_only.init(jax.random.PRNGKey(6), x, **tables, mask=mask)
+  variables = light_only.init(jax.random.PRNGKey(6), x, tables=_tables(tables), mask=mask)
   assert set(variables["params"]) == {"light"}
-  assert light_only.relative_bias_spec() == {"light_rel_embedding": 1}
+  assert light_only.relative_bias_spec() == {"light_relpos_bias": 1}
 
 
 def test_gradients_reach_every_router(inputs, tables):
   x, mask = inputs
   attn = _attention()
   ff = _ff()
-  attn_vars = attn.init(jax.random.PRNGKey(7), x, **tables, mask=mask)
+  attn_vars = attn.init(jax.random.PRNGKey(7), x, tables=_tables(tables), mask=mask)
   ff_vars = ff.init(jax.random.PRNGKey(8), x, mask=mask)
   target = np.random.default_rng(9).normal(size=x.shape)
 
   def loss(attn_params, ff_params):
-    y = attn.apply({"params": attn_params}, x, **tables, mask=mask)
+    y = attn.apply({"params": attn_params}, x, tables=_tables(tables), mask=mask)
     y = y + ff.apply({"params": ff_params}, x, mask=mask)
     return jnp.sum((y - target) ** 2)
 
@@ -322,7 +328,7 @@ def test_bfloat16_is_finite_and_routes_in_float32(inputs, tables):
   attn = _attention(dtype=jnp.bfloat16)
   ff = _ff(dtype=jnp.bfloat16)
   xb = jnp.asarray(x, jnp.bfloat16)
-  for module, kwargs in ((attn, tables), (ff, {})):
+  for module, kwargs in ((attn, {"tables": _tables(tables)}), (ff, {})):
     variables = module.init(jax.random.PRNGKey(0), xb, mask=mask, **kwargs)
     out, state = module.apply(variables, xb, mask=mask, mutable=["intermediates"], **kwargs)
     assert out.dtype == jnp.bfloat16
@@ -334,10 +340,12 @@ def test_bfloat16_is_finite_and_routes_in_float32(inputs, tables):
 def test_attention_without_heavy_position_bias(inputs, tables):
   x, mask = inputs
   module = _attention(heavy_position_bias=False)
-  assert module.relative_bias_spec() == {"light_rel_embedding": 1}
-  light_table = {"light_rel_embedding": tables["light_rel_embedding"]}
-  variables = module.init(jax.random.PRNGKey(2), x, **light_table, mask=mask)
-  got, state = module.apply(variables, x, **light_table, mask=mask, mutable=["intermediates"])
+  assert module.relative_bias_spec() == {"light_relpos_bias": 1}
+  light_table = {"light_relpos_bias": tables["light_relpos_bias"]}
+  variables = module.init(jax.random.PRNGKey(2), x, tables=_tables(light_table), mask=mask)
+  got, state = module.apply(
+      variables, x, tables=_tables(light_table), mask=mask, mutable=["intermediates"]
+  )
   p = _unbox(variables["params"])
   q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
   kv_idx = np.asarray(state["intermediates"]["kv_routed_indices"][0])
@@ -351,15 +359,15 @@ def test_attention_without_heavy_position_bias(inputs, tables):
     ])
 
   # No position bias in the heavy branch = a heavy table of zeros.
-  zero_heavy = dict(tables, heavy_rel_embedding=np.zeros_like(tables["heavy_rel_embedding"]))
+  zero_heavy = dict(tables, heavy_relpos_bias=np.zeros_like(tables["heavy_relpos_bias"]))
   expected = _expected_attention(
       x, mask, p, zero_heavy, q_idx, weights("query_router", q_idx, LENGTH // 4),
       kv_idx, weights("kv_router", kv_idx, LENGTH // 2),
   )
   real = mask[..., None]
   np.testing.assert_allclose(np.asarray(got) * real, expected * real, rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match="heavy_position_bias=True needs heavy_rel_embedding"):
-    _attention().init(jax.random.PRNGKey(2), x, **light_table, mask=mask)
+  with pytest.raises(ValueError, match="needs the stack's 'heavy_relpos_bias' table"):
+    _attention().init(jax.random.PRNGKey(2), x, tables=_tables(light_table), mask=mask)
 
 
 def test_shared_router_takes_the_highest_scored_queries_despite_saturated_ties():
@@ -370,14 +378,14 @@ def test_shared_router_takes_the_highest_scored_queries_despite_saturated_ties()
   x = rng.normal(size=(2, length, EMBED)).astype(np.float32)
   module = _attention(share_router=True, capacity=RoutingCapacity(fraction=1 / 8))
   tables = {
-      "light_rel_embedding": np.zeros((1, 32), np.float32),
-      "heavy_rel_embedding": np.zeros((2, 32), np.float32),
+      "light_relpos_bias": np.zeros((1, 32), np.float32),
+      "heavy_relpos_bias": np.zeros((2, 32), np.float32),
   }
-  variables = module.init(jax.random.PRNGKey(0), x, **tables)
+  variables = module.init(jax.random.PRNGKey(0), x, tables=_tables(tables))
   u = (60.0 * rng.normal(size=(EMBED,))).astype(np.float32)
   params = nn.meta.unbox(variables["params"])
   params["router"]["router_weights"] = jnp.asarray(u)
-  _, state = module.apply({"params": params}, x, **tables, mutable=["intermediates"])
+  _, state = module.apply({"params": params}, x, tables=_tables(tables), mutable=["intermediates"])
   q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
   kv_idx = np.asarray(state["intermediates"]["kv_routed_indices"][0])
   scores = x.astype(np.float64) @ u

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from colt5_flax.layers import local_attention as la
+from colt5_flax.layers import relative_position
 from tests import tolerances
 
 EMBED, HEADS, HEAD_DIM = 16, 2, 4
@@ -176,6 +177,18 @@ class _Jitted:
     return np.asarray(self._apply(self.variables, jnp.asarray(x), kwargs), np.float64)
 
 
+def _tables(local=None, side=None, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE):
+  """The stack's RelativePositionTables with the window's and the global side's tables."""
+  embeddings = {}
+  if local is not None:
+    embeddings["relpos_bias"] = jnp.asarray(local)
+  if side is not None:
+    embeddings["global_relpos_bias"] = jnp.asarray(side)
+  return relative_position.RelativePositionTables(
+      embeddings=embeddings, num_buckets=num_buckets, max_distance=max_distance
+  )
+
+
 @pytest.fixture(scope="module")
 def layers():
   """Cache of `_Jitted` layers by (kind, radius, dtype), shared by all tests here."""
@@ -187,8 +200,6 @@ def layers():
           num_heads=HEADS,
           head_dim=HEAD_DIM,
           local_radius=radius,
-          num_buckets=NUM_BUCKETS,
-          max_distance=MAX_DISTANCE,
           dtype=dtype,
       )
       if kind == "local":
@@ -253,7 +264,7 @@ def test_local_matches_masked_full_attention(layers, tables, radius, length, pad
   x, mask, segment_ids = _inputs(length, padded=padded, packed=packed)
   got = layer(
       x,
-      rel_embedding=tables[0],
+      tables=_tables(tables[0]),
       mask=mask if padded else None,
       segment_ids=segment_ids if packed else None,
   )
@@ -265,7 +276,7 @@ def test_local_matches_masked_full_attention(layers, tables, radius, length, pad
 def test_local_without_bias_table(layers):
   layer = layers("local", 3)
   x, mask, segment_ids = _inputs(12, padded=True, packed=False)
-  got = layer(x, rel_embedding=None, mask=mask)
+  got = layer(x, tables=_tables(), mask=mask)
   zero_table = np.zeros((HEADS, NUM_BUCKETS), np.float32)
   expected = _local_reference(x, layer.params, zero_table, mask, segment_ids, 3)
   _assert_close(got, expected, kind="local", length=12)
@@ -284,8 +295,7 @@ def test_tglobal_matches_brute_force(layers, tables, radius, length, padded, pac
   x, mask, segment_ids = _inputs(length, padded=padded, packed=packed, seed=length)
   got = layer(
       x,
-      rel_embedding=tables[0],
-      global_rel_embedding=tables[1],
+      tables=_tables(tables[0], tables[1]),
       mask=mask if padded else None,
       segment_ids=segment_ids if packed else None,
   )
@@ -296,15 +306,14 @@ def test_tglobal_matches_brute_force(layers, tables, radius, length, padded, pac
   assert np.all(got[~mask] == 0.0)
 
 
-@pytest.mark.parametrize("missing", ["rel_embedding", "global_rel_embedding"])
+@pytest.mark.parametrize("missing", ["relpos_bias", "global_relpos_bias"])
 def test_tglobal_without_one_bias_table(layers, tables, missing):
   layer = layers("tglobal", 3)
   x, mask, segment_ids = _inputs(14, padded=True, packed=False, seed=6)
-  kwargs = dict(rel_embedding=tables[0], global_rel_embedding=tables[1], mask=mask)
-  kwargs[missing] = None
-  got = layer(x, **kwargs)
+  present = _tables(None, tables[1]) if missing == "relpos_bias" else _tables(tables[0])
+  got = layer(x, tables=present, mask=mask)
   zero = np.zeros((HEADS, NUM_BUCKETS), np.float32)
-  table, global_table = (zero, tables[1]) if missing == "rel_embedding" else (tables[0], zero)
+  table, global_table = (zero, tables[1]) if missing == "relpos_bias" else (tables[0], zero)
   expected = _tglobal_reference(x, layer.params, table, global_table, mask, segment_ids, 3)
   _assert_close(got, expected, kind="tglobal", length=14)
 
@@ -376,7 +385,7 @@ def test_local_matches_transformers(layers, tables, radius, length):
   hf_mask = hf._get_local_attention_mask(torch.from_numpy(mask), radius + 1, "cpu")
   with torch.no_grad():
     expected = hf_layer(torch.from_numpy(x).double(), mask=hf_mask)[0].numpy()
-  got = layer(x, rel_embedding=tables[0], mask=mask)
+  got = layer(x, tables=_tables(tables[0]), mask=mask)
   # Padding queries are don't-care (HF averages over masked keys, we output 0).
   _assert_close(got[mask], expected[mask], kind="local", length=length)
 
@@ -398,7 +407,7 @@ def test_tglobal_matches_transformers(layers, tables, radius, length):
         torch.from_numpy(x).double(), mask=torch.from_numpy(mask.astype(np.float64))
     )
     expected = expected[0].numpy()
-  got = layer(x, rel_embedding=tables[0], global_rel_embedding=tables[1], mask=mask)
+  got = layer(x, tables=_tables(tables[0], tables[1]), mask=mask)
   _assert_close(got[mask], expected[mask], kind="tglobal", length=length)
 
 
@@ -428,9 +437,9 @@ def test_bfloat16_finite_and_all_padding_row(layers, tables, kind):
   layer16 = layers(kind, 3, jnp.bfloat16)
   x, mask, _ = _inputs(14, padded=True, packed=False, seed=5)
   mask[0] = False  # A row that is all padding.
-  kwargs = dict(rel_embedding=tables[0], mask=mask)
+  kwargs = dict(tables=_tables(tables[0]), mask=mask)
   if kind == "tglobal":
-    kwargs["global_rel_embedding"] = tables[1]
+    kwargs["tables"] = _tables(tables[0], tables[1])
   got = layer16._apply(layer32.variables, jnp.asarray(x, jnp.bfloat16), kwargs)
   assert got.dtype == jnp.bfloat16
   got = np.asarray(got, np.float32)
@@ -470,8 +479,10 @@ def test_bad_inputs_raise():
   variables = jax.eval_shape(module.init, jax.random.key(0), x)
   with pytest.raises(ValueError, match="mask shape"):
     jax.eval_shape(lambda v: module.apply(v, x, mask=jnp.ones((2, 7), bool)), variables)
-  with pytest.raises(ValueError, match="rel_embedding shape"):
-    jax.eval_shape(lambda v: module.apply(v, x, rel_embedding=jnp.zeros((HEADS, 5))), variables)
+  with pytest.raises(ValueError, match="'relpos_bias' has shape"):
+    jax.eval_shape(
+        lambda v: module.apply(v, x, tables=_tables(jnp.zeros((HEADS, 5)))), variables
+    )
   bad_radius = la.LocalSelfAttention(num_heads=HEADS, local_radius=-1)
   with pytest.raises(ValueError, match="local_radius"):
     jax.eval_shape(bad_radius.init, jax.random.key(0), x)
@@ -499,7 +510,7 @@ def _largest_intermediate(closed_jaxpr):
 @pytest.mark.parametrize("kind", ["local", "tglobal"])
 def test_memory_linear_in_length(kind):
   length, radius, block = 4096, 127, 128
-  common = dict(num_heads=1, head_dim=4, local_radius=radius, num_buckets=32, max_distance=128)
+  common = dict(num_heads=1, head_dim=4, local_radius=radius)
   if kind == "local":
     module = la.LocalSelfAttention(**common)
     keys_per_query = 3 * block
@@ -509,9 +520,10 @@ def test_memory_linear_in_length(kind):
   x = jax.ShapeDtypeStruct((1, length, 4), jnp.float32)
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8, 4))))
   table = jnp.zeros((1, 32))
-  kwargs = dict(rel_embedding=table, mask=jnp.ones((1, length), bool))
+  kwargs = dict(tables=_tables(table, num_buckets=32, max_distance=128),
+                mask=jnp.ones((1, length), bool))
   if kind == "tglobal":
-    kwargs["global_rel_embedding"] = table
+    kwargs["tables"] = _tables(table, table, num_buckets=32, max_distance=128)
   jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x, **kwargs))(variables, x)
   largest = _largest_intermediate(jaxpr)
   # The largest array is the blocked logits [1, blocks, 1, block, keys_per_query]:

@@ -53,3 +53,23 @@ def test_bias_from_embedding_rejects_wrong_table():
     rp.bias_from_embedding(
         np.zeros((2, 16)), np.zeros((1, 1)), bidirectional=True, num_buckets=32, max_distance=128
     )
+
+
+@pytest.mark.parametrize("max_distance", [16, 64])
+def test_tables_bias_uses_the_stacks_bucketing(max_distance):
+  # A stack's tables carry its bucketing: the lookup must follow its max_distance.
+  rng = np.random.default_rng(0)
+  local, side = rng.normal(size=(2, 2, 8)).astype(np.float32)
+  tables = rp.RelativePositionTables(
+      {"relpos_bias": local, "global_relpos_bias": side}, num_buckets=8,
+      max_distance=max_distance,
+  )
+  relative = np.arange(-40, 41)[None, :]  # [q = 1, k = 81]
+  buckets = _mtf_relative_position_bucket(relative, True, 8, max_distance)
+  np.testing.assert_array_equal(np.asarray(tables.bias("relpos_bias", 2, relative)),
+                                local[:, buckets])
+  np.testing.assert_array_equal(np.asarray(tables.bias("global_relpos_bias", 2, relative)),
+                                side[:, buckets])
+  assert tables.bias("heavy_relpos_bias", 2, relative) is None  # no such table: no bias
+  with pytest.raises(ValueError, match=r"'relpos_bias' has shape \(2, 8\).*\(3, 8\)"):
+    tables.table("relpos_bias", 3)
