@@ -104,7 +104,7 @@ def test_two_processes_train_like_one_and_resize_both_ways(workspace, reference)
   saved = [re.findall(r"Preempted: saved checkpoint_(\d+)", p.log) for p in finished]
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # the same step, once each
   stop = int(saved[0][0])
-  assert 5 < stop <= REFERENCE_STEPS
+  assert 5 <= stop <= REFERENCE_STEPS  # the signal came after step 5; JAX picks the step
   reader = checkpoints.Checkpointer(str(model_dir))
   assert reader.latest_step() == stop and reader.is_complete(stop)
   reader.close()
