@@ -9,235 +9,25 @@ only: the decoder is T5.1.1, with multi-query cross-attention by default (CoLT5 
 
 `EncoderDecoder` follows t5x's module contract (`__call__`, `encode`, `decode`, a `cache`
 collection), so it drops into t5x's `EncoderDecoderModel` unchanged.
+
+One layer of each stack is in `transformer_layers.py`; `layer_stack.run_stack` runs the
+stack (remat, scan).
 """
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from colt5_flax.layer_stack import run_stack
 from colt5_flax.layers import attention, relative_position
 from colt5_flax.layers.mlp import GatedMlp
 from colt5_flax.layers.normalization import RMSNorm
+from colt5_flax.transformer_layers import DecoderLayer, EncoderLayer, ModuleFactory, t5_dropout
 
 Dtype = Any
-ModuleFactory = Callable[..., nn.Module]
-
-# jax.checkpoint policies by the names gin uses (`REMAT_POLICY = 'dots_saveable'`).
-REMAT_POLICIES = {
-    "none": None,
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
-
-
-def _dropout(rate: float, *, broadcast_length: bool = True) -> nn.Dropout:
-  """t5x's T5.1.1 dropout: on embeddings and residual branches one mask per (example,
-  feature), shared along the length axis; the encoder's final dropout is elementwise."""
-  return nn.Dropout(rate=rate, broadcast_dims=(-2,) if broadcast_length else ())
-
-
-class EncoderLayer(nn.Module):
-  """Pre-norm residual block: x + attention(norm(x)), then x + feedforward(norm(x)).
-
-  With `attention_factory=ConditionalAttention` and
-  `feed_forward_factory=ConditionalFeedForward` this is the CoLT5 layer (§3): the layer
-  norm's output is what both the light and the heavy branch, and their routers, see.
-
-  Attributes:
-    attention_factory: builds an `attention.EncoderAttention`.
-    feed_forward_factory: builds a feedforward called as `ff(x, mask=, enable_dropout=)`.
-    dropout_rate: residual dropout (0.1 in fine-tuning, 0 in pretraining).
-  """
-
-  attention_factory: Callable[..., attention.EncoderAttention]
-  feed_forward_factory: ModuleFactory
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, segment_ids, tables, enable_dropout: bool = False):
-    """x [batch, length, embed] -> [batch, length, embed]; mask [batch, length] bool;
-    tables the stack's `RelativePositionTables`.
-
-    Positional arguments only, so that `nn.scan` and `nn.remat` can wrap the layer.
-    """
-    deterministic = not enable_dropout
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    h = RMSNorm(dtype=self.dtype, name="pre_attention_layer_norm")(x)
-    h = self.attention_factory(name="attention")(
-        h,
-        tables=tables,
-        mask=mask,
-        segment_ids=segment_ids,
-        enable_dropout=enable_dropout,
-    )
-    x = x + _dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = RMSNorm(dtype=self.dtype, name="pre_mlp_layer_norm")(x)
-    h = self.feed_forward_factory(name="mlp")(h, mask=mask, enable_dropout=enable_dropout)
-    x = x + _dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
-class DecoderLayer(nn.Module):
-  """T5.1.1 decoder block: causal self-attention, cross-attention, gated MLP (pre-norm).
-
-  Attributes:
-    num_heads, head_dim: T5 heads.
-    mlp_dim: gated-GELU width.
-    num_self_attention_kv_heads: None for multi-head self-attention (T5), 1 for MQA.
-    num_cross_attention_kv_heads: 1 for multi-query cross-attention (CoLT5 §3.3, the
-      default), None for multi-head (T5/LongT5; the paper's Table 6 ablation).
-  """
-
-  num_heads: int
-  mlp_dim: int
-  head_dim: int = 64
-  num_self_attention_kv_heads: int | None = None
-  num_cross_attention_kv_heads: int | None = 1
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(
-      self,
-      x,
-      encoded,
-      self_attention_mask,
-      self_attention_bias,
-      cross_attention_mask,
-      enable_dropout: bool = False,
-      decode: bool = False,
-  ):
-    """x [batch, target_length, embed], encoded [batch, input_length, embed] -> like x."""
-    deterministic = not enable_dropout
-    dropout = _dropout(self.dropout_rate)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    h = RMSNorm(dtype=self.dtype, name="pre_self_attention_layer_norm")(x)
-    h = attention.MultiHeadAttention(
-        num_heads=self.num_heads,
-        head_dim=self.head_dim,
-        num_kv_heads=self.num_self_attention_kv_heads,
-        dropout_rate=self.dropout_rate,
-        dtype=self.dtype,
-        name="self_attention",
-    )(
-        h,
-        h,
-        mask=self_attention_mask,
-        bias=self_attention_bias,
-        enable_dropout=enable_dropout,
-        decode=decode,
-    )
-    x = x + dropout(h, deterministic=deterministic)
-    h = RMSNorm(dtype=self.dtype, name="pre_cross_attention_layer_norm")(x)
-    h = CrossAttention(
-        num_heads=self.num_heads,
-        head_dim=self.head_dim,
-        num_kv_heads=self.num_cross_attention_kv_heads,
-        dropout_rate=self.dropout_rate,
-        dtype=self.dtype,
-        name="encoder_decoder_attention",
-    )(h, encoded, mask=cross_attention_mask, enable_dropout=enable_dropout, decode=decode)
-    x = x + dropout(h, deterministic=deterministic)
-    h = RMSNorm(dtype=self.dtype, name="pre_mlp_layer_norm")(x)
-    h = GatedMlp(
-        hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype, name="mlp"
-    )(h, enable_dropout=enable_dropout)
-    x = x + dropout(h, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
-class CrossAttention(attention.MultiHeadAttention):
-  """Decoder-to-encoder attention whose keys/values are computed once per decode.
-
-  In decode mode the projected encoder keys and values live in the `cache` collection
-  (`cross_key`, `cross_value`): the call that creates the cache computes them from the
-  encoded inputs, and every decoding step reads them instead of projecting 16k encoder
-  vectors again.
-  """
-
-  def setup(self):
-    super().setup()
-    self.cross_key_value = _ComputedOnce()
-
-  def __call__(self, inputs_q, encoded, *, mask=None, enable_dropout=False, decode=False):
-    """inputs_q [batch, target_length, embed], encoded [batch, input_length, embed]."""
-    query = self.project_query(inputs_q)
-    if decode:
-      key, value = self.cross_key_value(lambda: self.project_key_value(encoded))
-    else:
-      key, value = self.project_key_value(encoded)
-    attended = self.attend(query, key, value, mask=mask, enable_dropout=enable_dropout)
-    return self.project_output(attended, inputs_q.shape[-1])
-
-
-class _ComputedOnce(nn.Module):
-  """Caches `compute()` in the `cache` collection when the cache is created; reads it after."""
-
-  @nn.compact
-  def __call__(self, compute):
-    return self.variable("cache", "value", compute).value
-
-
-def _run_stack(
-    layer_cls,
-    layer_kwargs: Mapping[str, Any],
-    x,
-    args: tuple[Any, ...],
-    *,
-    num_layers: int,
-    scan_layers: bool,
-    remat_policy: str,
-    static_argnums: tuple[int, ...],
-):
-  """Runs `num_layers` of `layer_cls(**layer_kwargs)` on `x`, each called as `(x, *args)`.
-
-  The layers are wrapped in remat (`remat_policy`) and, with `scan_layers`, in one
-  `nn.scan` whose parameters are stacked along a leading 'layers' axis (submodule
-  `layers`); otherwise they are `layers_0 ... layers_{n-1}`. `args` are the same for
-  every layer. `static_argnums` counts `self` as 0 (flax's convention). Call it from the
-  parent's compact method.
-  """
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
-  if remat_policy != "none":
-    layer_cls = nn.remat(
-        layer_cls,
-        policy=REMAT_POLICIES[remat_policy],
-        static_argnums=static_argnums,
-        prevent_cse=not scan_layers,
-    )
-  if not scan_layers:
-    for i in range(num_layers):
-      x = layer_cls(**layer_kwargs, name=f"layers_{i}")(x, *args)
-    return x
-
-  body_layer_cls = layer_cls
-
-  class _ScanBody(nn.Module):
-    layer_kwargs: Mapping[str, Any]
-
-    @nn.compact
-    def __call__(self, x, *args):
-      return body_layer_cls(**self.layer_kwargs, name="layer")(x, *args), None
-
-  scanned = nn.scan(
-      _ScanBody,
-      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-      split_rngs={"params": True, "dropout": True, "routing": True},
-      in_axes=(nn.broadcast,) * len(args),
-      length=num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-  )
-  x, _ = scanned(layer_kwargs, name="layers")(x, *args)
-  return x
 
 
 class Encoder(nn.Module):
@@ -282,7 +72,7 @@ class Encoder(nn.Module):
         num_buckets=self.num_buckets,
         max_distance=self.max_distance,
     )
-    x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
+    x = t5_dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
     x = jnp.asarray(x, self.dtype)
     layer_kwargs = dict(
         attention_factory=self.attention_factory,
@@ -290,7 +80,7 @@ class Encoder(nn.Module):
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
     )
-    x = _run_stack(
+    x = run_stack(
         EncoderLayer,
         layer_kwargs,
         x,
@@ -301,7 +91,7 @@ class Encoder(nn.Module):
         static_argnums=(5,),
     )
     x = RMSNorm(dtype=self.dtype, name="encoder_norm")(x)
-    return _dropout(self.dropout_rate, broadcast_length=False)(
+    return t5_dropout(self.dropout_rate, broadcast_length=False)(
         x, deterministic=not enable_dropout
     )
 
@@ -370,7 +160,7 @@ class Decoder(nn.Module):
       query_positions = key_positions = jnp.arange(target_length)[None]
     bias = relpos(relative_position.relative_positions(query_positions, key_positions))
 
-    x = _dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
+    x = t5_dropout(self.dropout_rate)(embedded, deterministic=not enable_dropout)
     x = jnp.asarray(x, self.dtype)
     layer_kwargs = dict(
         num_heads=self.num_heads,
@@ -381,7 +171,7 @@ class Decoder(nn.Module):
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
     )
-    x = _run_stack(
+    x = run_stack(
         DecoderLayer,
         layer_kwargs,
         x,
@@ -392,7 +182,7 @@ class Decoder(nn.Module):
         static_argnums=(6, 7),
     )
     x = RMSNorm(dtype=self.dtype, name="decoder_norm")(x)
-    return _dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
+    return t5_dropout(self.dropout_rate)(x, deterministic=not enable_dropout)
 
 
 class EncoderDecoder(nn.Module):

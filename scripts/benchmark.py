@@ -108,7 +108,7 @@ _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", None, "Side of the square peak matmul (default 2048 on CPU, 8192 else)."
 )
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "nn.scan over encoder layers.")
-_REMAT = flags.DEFINE_string("remat", "none", "Encoder remat policy (network.REMAT_POLICIES).")
+_REMAT = flags.DEFINE_string("remat", "none", "Encoder remat policy (layer_stack.REMAT_POLICIES).")
 _PEERS = flags.DEFINE_bool("peers", False, "Also time the PyTorch peers (see docstring).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw time and memory against length here.")
