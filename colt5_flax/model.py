@@ -67,7 +67,7 @@ class EncoderDecoderModel:
       batch; a number divides the summed loss by it (t5x's fixed factor, which keeps the
       gradient scale independent of padding).
     decode_fn: `decoding.temperature_sample` (greedy at temperature 0, the paper's
-      choice) or `decoding.beam_search`, with its keyword arguments bound.
+      choice) or `beam_search.beam_search`, with its keyword arguments bound.
   """
 
   FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter

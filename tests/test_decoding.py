@@ -1,4 +1,4 @@
-"""Decoding against brute force over a toy Markov chain whose state lives in the cache.
+"""Decoding (decoding.py, beam_search.py) against brute force over a toy Markov chain.
 
 The toy "decoder" is a second-order, position-dependent Markov chain: the logits for the next
 token are table[position, previous token, current token] + row_bias[example]. Position comes
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from colt5_flax import decoding
+from colt5_flax import beam_search, decoding
 from tests import tolerances
 
 PAD, EOS = 0, 1
@@ -467,7 +467,7 @@ def test_exhaustive_beam_search_equals_brute_force(beam_chain, cache_offset):
   alpha = 0.6
   search = jax.jit(
       functools.partial(
-          decoding.beam_search,
+          beam_search.beam_search,
           tokens_to_logits=beam_chain.tokens_to_logits,
           eos_id=EOS,
           num_decodes=EXHAUSTIVE_BEAMS,
@@ -516,7 +516,7 @@ def test_one_beam_without_length_penalty_equals_greedy():
         assert log_prob + log_probs[EOS] < expected_log_probs[example]
       log_prob += 0.0 if forced else log_probs[token]
       prev_token, cur_token = cur_token, int(token)
-  sequences, scores = decoding.beam_search(
+  sequences, scores = beam_search.beam_search(
       SAMPLE_PROMPTS, peaked.cache(), peaked.tokens_to_logits, eos_id=EOS, num_decodes=1, alpha=0.0
   )
   np.testing.assert_array_equal(sequences[:, 0], expected)
@@ -530,7 +530,7 @@ def test_beam_search_terminates_early_and_pads_after_eos():
   prompts = np.zeros((2, max_len), np.int32)
   alpha = 0.6
   (sequences, scores), calls = eos_chain.count_calls(
-      lambda: decoding.beam_search(
+      lambda: beam_search.beam_search(
           prompts, eos_chain.cache(), eos_chain.tokens_to_logits,
           eos_id=EOS, num_decodes=2, alpha=alpha,
       )
@@ -571,7 +571,7 @@ def test_beam_search_keeps_a_live_beam_the_length_penalty_can_still_lift():
   )[0]
   np.testing.assert_array_equal(best_tokens, [2] * max_len)
   (sequences, scores), calls = lifted.count_calls(
-      lambda: decoding.beam_search(
+      lambda: beam_search.beam_search(
           prompts, lifted.cache(), lifted.tokens_to_logits, eos_id=EOS, num_decodes=1, alpha=2.0
       )
   )
@@ -584,7 +584,7 @@ def test_beam_search_decodes_up_to_max_decode_len():
   """max_decode_len longer than the prompt array: output has that length, brute force agrees."""
   max_len = 5
   long_chain = random_chain(5, vocab_size=4, max_len=max_len, batch_size=3)
-  sequences, scores = decoding.beam_search(
+  sequences, scores = beam_search.beam_search(
       BEAM_PROMPTS, long_chain.cache(), long_chain.tokens_to_logits,
       eos_id=EOS, num_decodes=2 * EXHAUSTIVE_BEAMS, alpha=0.6, max_decode_len=max_len,
   )
@@ -608,7 +608,7 @@ def test_bad_input_raises_value_error_naming_the_value(chain):
       decoding.temperature_sample, SAMPLE_PROMPTS, cache, chain.tokens_to_logits, eos_id=EOS
   )
   search = functools.partial(
-      decoding.beam_search, SAMPLE_PROMPTS, cache, chain.tokens_to_logits, eos_id=EOS
+      beam_search.beam_search, SAMPLE_PROMPTS, cache, chain.tokens_to_logits, eos_id=EOS
   )
   with pytest.raises(ValueError, match="num_decodes.*0"):
     sample(num_decodes=0)
