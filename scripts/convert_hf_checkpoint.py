@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from colt5_flax.convert import hf
+from colt5_flax.convert import hf, hf_architecture
 from colt5_flax.data import vocabularies
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Local transformers checkpoint directory.")
@@ -177,7 +177,7 @@ def convert_checkpoint(
   if os.path.exists(output_dir):
     raise ValueError(f"--output_dir={output_dir!r} exists; choose a new directory")
   model = load_hf_model(hf_dir)
-  arch = hf.architecture_from_hf(model)
+  arch = hf_architecture.architecture_from_hf(model)
   vocabulary = checkpoint_vocabulary(hf_dir, arch.vocab_size, vocabulary)
   _, variables = hf.from_hf(model)
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), nn.unbox(variables["params"]))
@@ -190,7 +190,7 @@ def convert_checkpoint(
       f"# Converted by scripts/convert_hf_checkpoint.py from {os.path.abspath(hf_dir)}\n"
       f"# ({type(model).__name__}, {num_params} parameters); params: {output_dir}\n"
   )
-  return header + hf.gin_bindings(arch, vocabulary)
+  return header + hf_architecture.gin_bindings(arch, vocabulary)
 
 
 def main(argv):

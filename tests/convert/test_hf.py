@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from colt5_flax import network  # noqa: E402
-from colt5_flax.convert import hf  # noqa: E402
+from colt5_flax.convert import hf, hf_architecture  # noqa: E402
 from tests import tolerances  # noqa: E402
 
 VOCAB = 40
@@ -338,7 +338,7 @@ def test_gin_bindings_build_the_converted_network(kind):
   model = _hf_model(kind, tied=False)
   net, variables = hf.from_hf(model)
   gin_params = _with_gin_network(
-      hf.gin_bindings(hf.architecture_from_hf(model)),
+      hf_architecture.gin_bindings(hf_architecture.architecture_from_hf(model)),
       lambda net: hf.abstract_variables(net)["params"],
   )
   got = traverse_util.flatten_dict(gin_params)
@@ -363,7 +363,8 @@ def test_checkpoint_vocabulary_defaults(script, tmp_path):
     [("byte", "ByteVocabulary"), ("/data/spm.model", "sentencepiece_vocabulary")],
 )
 def test_gin_bindings_bind_the_vocabulary(vocabulary, expected):
-  text = hf.gin_bindings(hf.architecture_from_hf(_hf_model("t5", tied=False)), vocabulary)
+  arch = hf_architecture.architecture_from_hf(_hf_model("t5", tied=False))
+  text = hf_architecture.gin_bindings(arch, vocabulary)
   bound = _with_gin_network(text, lambda net: str(gin.query_parameter("%VOCABULARY")))
   assert expected in bound
   if vocabulary != "byte":
