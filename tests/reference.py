@@ -60,6 +60,17 @@ def attention(query, key, value, *, positions_q, positions_k, table, allowed):
   return out
 
 
+def central_differences(loss, x, step):
+  """∂loss/∂x by central differences in float64, one coordinate at a time; x any shape."""
+  x = np.asarray(x, np.float64)
+  gradient = np.zeros(x.shape)
+  for index in np.ndindex(x.shape):
+    delta = np.zeros(x.shape)
+    delta[index] = step
+    gradient[index] = (loss(x + delta) - loss(x - delta)) / (2 * step)
+  return gradient
+
+
 def soft_top_k_iteration(scores, k, *, epsilon=1.0, num_iters=50, mask=None, eps_init=None,
                          eps_decay=0.7):
   """The ALIGNER / CoDA iteration of CoLT5 §3.3 as written, float64, one row at a time,

@@ -180,14 +180,7 @@ def test_exact_solver_gradient_matches_finite_differences(std):
   def reference_loss(s):
     return np.sum(reference.soft_top_k(s, k, epsilon=epsilon, mask=mask) * cotangent)
 
-  step = 1e-6 * std
-  expected = np.zeros(scores.shape)
-  for index in np.ndindex(scores.shape):
-    delta = np.zeros(scores.shape)
-    delta[index] = step
-    expected[index] = (reference_loss(scores + delta) - reference_loss(scores - delta)) / (
-        2 * step
-    )
+  expected = reference.central_differences(reference_loss, scores, step=1e-6 * std)
   assert np.any(np.abs(expected) > 1e-2)
   # Each ∂λ_i/∂s_j carries λ's error bound times 1/ε; the loss sums them with the
   # cotangent's weights. Finite-difference error (float64, step 1e-6) is far below.
@@ -211,14 +204,7 @@ def test_iterative_solver_gradient_matches_finite_differences():
   def reference_loss(s):
     return np.sum(reference.soft_top_k_iteration(s, 2.5, **kwargs) * cotangent)
 
-  step = 1e-6
-  expected = np.zeros(scores.shape)
-  for index in np.ndindex(scores.shape):
-    delta = np.zeros(scores.shape)
-    delta[index] = step
-    expected[index] = (reference_loss(scores + delta) - reference_loss(scores - delta)) / (
-        2 * step
-    )
+  expected = reference.central_differences(reference_loss, scores, step=1e-6)
   assert np.any(np.abs(expected) > 1e-2)
   tolerance = lambda_tolerance(scores, 0.7, 30) * np.abs(cotangent).sum() / 0.7
   np.testing.assert_allclose(gradient, expected, rtol=0, atol=tolerance)
