@@ -71,18 +71,25 @@ def central_differences(loss, x, step):
   return gradient
 
 
-def soft_top_k_iteration(scores, k, *, epsilon=1.0, num_iters=50, mask=None, eps_init=None,
-                         eps_decay=0.7):
-  """The ALIGNER / CoDA iteration of CoLT5 §3.3 as written, float64, one row at a time,
-  masked entries removed from the row instead of set to −inf; [..., n] -> [..., n]."""
+def _per_unmasked_row(scores, mask, solve_row):
+  """Applies `solve_row(row_scores) -> row_weights` to each row's unmasked scores, in
+  float64; masked entries and empty rows get 0. [..., n] -> [..., n]."""
   scores = np.asarray(scores, np.float64)
   mask = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
   weights = np.zeros_like(scores)
   for row in np.ndindex(scores.shape[:-1]):
     valid = mask[row]
-    row_scores = scores[row][valid]
-    if row_scores.size == 0:
-      continue
+    if valid.any():
+      weights[row][valid] = solve_row(scores[row][valid])
+  return weights
+
+
+def soft_top_k_iteration(scores, k, *, epsilon=1.0, num_iters=50, mask=None, eps_init=None,
+                         eps_decay=0.7):
+  """The ALIGNER / CoDA iteration of CoLT5 §3.3 as written, float64, one row at a time,
+  masked entries removed from the row instead of set to −inf; [..., n] -> [..., n]."""
+
+  def iterate(row_scores):
     a, b = 0.0, np.zeros_like(row_scores)
     for t in range(num_iters):
       eps = epsilon if eps_init is None else max(eps_init * eps_decay**t, epsilon)
@@ -90,29 +97,21 @@ def soft_top_k_iteration(scores, k, *, epsilon=1.0, num_iters=50, mask=None, eps
       top = logits.max()
       a = eps * np.log(k) - eps * (top + np.log(np.sum(np.exp(logits - top))))
       b = np.minimum(-row_scores - a, 0.0)
-    row_weights = np.zeros(scores.shape[-1])
-    row_weights[valid] = np.exp((row_scores + b + a) / eps)
-    weights[row] = row_weights
-  return weights
+    return np.exp((row_scores + b + a) / eps)
+
+  return _per_unmasked_row(scores, mask, iterate)
 
 
 def soft_top_k(scores, k, *, epsilon=1.0, mask=None):
   """The soft top-k's solution from its optimality conditions, float64: λ_i = min(1,
   exp((s_i + a)/ε)) with `a` found by bisection so that Σλ = k over the unmasked entries
   (all ones when k ≥ their count, zeros for an empty row); [..., n] -> [..., n]."""
-  scores = np.asarray(scores, np.float64)
-  mask = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
-  weights = np.zeros_like(scores)
-  for row in np.ndindex(scores.shape[:-1]):
-    valid = mask[row]
-    row_scores = scores[row][valid]
-    if row_scores.size == 0:
-      continue
-    if k >= row_scores.size:
-      weights[row][valid] = 1.0
-      continue
 
-    def total(a, row_scores=row_scores):
+  def bisect(row_scores):
+    if k >= row_scores.size:
+      return np.ones_like(row_scores)
+
+    def total(a):
       return np.minimum(1.0, np.exp((row_scores + a) / epsilon)).sum()
 
     # Σλ(a) is increasing: below `low` every λ < k/n, above `high` the top one is 1.
@@ -121,8 +120,9 @@ def soft_top_k(scores, k, *, epsilon=1.0, mask=None):
     for _ in range(200):
       middle = 0.5 * (low + high)
       low, high = (middle, high) if total(middle) < k else (low, middle)
-    weights[row][valid] = np.minimum(1.0, np.exp((row_scores + 0.5 * (low + high)) / epsilon))
-  return weights
+    return np.minimum(1.0, np.exp((row_scores + 0.5 * (low + high)) / epsilon))
+
+  return _per_unmasked_row(scores, mask, bisect)
 
 
 def hard_top_k(ranking, mask, num_selected):
