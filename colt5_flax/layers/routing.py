@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colt5_flax.layers.soft_top_k import soft_top_k
+from colt5_flax.layers.soft_top_k import SOFT_TOP_K_SOLVERS, soft_top_k
 
 Initializer = Callable[..., jax.Array]
 
@@ -299,6 +299,9 @@ class Router(nn.Module):
     init_scale: `router_weights` start with std `init_scale / sqrt(embed)`, so initial
       scores have std ≈ init_scale **(ours: 1.0)**.
     param_dtype: dtype of `router_weights` (float32).
+
+  Every setting is checked when the router is built: a bad one raises a ValueError that
+  names the attribute and its gin binding (`routing.Router.epsilon`, ...).
   """
 
   num_selected: int
@@ -312,6 +315,40 @@ class Router(nn.Module):
   init_scale: float = 1.0
   param_dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    # A bad setting fails when the router is built, naming its gin binding (one binding,
+    # `routing.Router.<attribute>`, configures every router: configs/architectures/colt5.gin).
+    # num_selected ≤ length needs the input, so `__call__` checks that bound.
+    def bad(attribute, requirement):
+      value = getattr(self, attribute)
+      return ValueError(
+          f"Router.{attribute}={value!r} {requirement} (gin binding: "
+          f"routing.Router.{attribute})"
+      )
+
+    if self.routing not in ROUTING_KINDS:
+      raise bad("routing", f"is not one of {ROUTING_KINDS}")
+    if not _is_int(self.num_selected) or self.num_selected < 1:
+      raise bad("num_selected", "must be an int >= 1")
+    if self.soft_top_k_target is not None and not _is_positive(self.soft_top_k_target):
+      raise bad("soft_top_k_target", "must be None or a finite number > 0")
+    if not _is_positive(self.epsilon):
+      raise bad("epsilon", "must be a finite number > 0")
+    if self.solver not in SOFT_TOP_K_SOLVERS:
+      raise bad("solver", f"is not one of {SOFT_TOP_K_SOLVERS}")
+    if not _is_int(self.num_iters) or self.num_iters < 1:
+      raise bad("num_iters", "must be an int >= 1")
+    if self.eps_init is not None:
+      if self.solver != "iterative":
+        raise bad("eps_init", f"(ε-scaling) needs solver='iterative', not {self.solver!r}")
+      if not _is_positive(self.eps_init) or self.eps_init < self.epsilon:
+        raise bad("eps_init", f"must be >= epsilon={self.epsilon!r} (ε decays down to it)")
+      if not _is_number(self.eps_decay) or not 0.0 < self.eps_decay < 1.0:
+        raise bad("eps_decay", "must be in (0, 1)")
+    if not _is_positive(self.init_scale):
+      raise bad("init_scale", "must be a finite number > 0")
+    super().__post_init__()
+
   @nn.compact
   def __call__(
       self,
@@ -324,17 +361,11 @@ class Router(nn.Module):
     (True = real token; None = all real). Returns a `Routing` (indices and weights
     [batch, num_selected], soft_weights [batch, length]). `deterministic` only matters
     for 'random' routing."""
-    if self.routing not in ROUTING_KINDS:
-      raise ValueError(f"Router.routing={self.routing!r}; expected one of {ROUTING_KINDS}")
     if x.ndim != 3:
       raise ValueError(f"Router: x must be [batch, length, embed]; got shape {x.shape}")
     batch_size, length, embed = x.shape
     num_selected = self.num_selected
-    if (
-        isinstance(num_selected, bool)
-        or not isinstance(num_selected, int | np.integer)
-        or not 1 <= num_selected <= length
-    ):
+    if num_selected > length:
       raise ValueError(
           f"Router.num_selected={num_selected!r} must be an int in [1, length={length}]"
       )
@@ -408,6 +439,18 @@ class Router(nn.Module):
         ranking=ranking,
         sum_error=_sum_error(soft_weights, mask, target),
     )
+
+
+def _is_int(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int | np.integer)
+
+
+def _is_number(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+
+
+def _is_positive(value) -> bool:
+  return _is_number(value) and math.isfinite(value) and value > 0
 
 
 def _static_indices(mask: jax.Array, num_selected: int) -> jax.Array:

@@ -289,16 +289,41 @@ def test_random_routing_is_uniform_over_real_tokens(random_router_apply):
 
 
 @pytest.mark.parametrize(
-    "router,match",
+    "kwargs,attribute",
     [
-        (Router(0), "num_selected=0"),
-        (Router(LENGTH + 1), f"num_selected={LENGTH + 1}"),
-        (Router(2, routing="sinkhorn"), "routing='sinkhorn'"),
+        (dict(num_selected=0), "num_selected=0"),
+        (dict(num_selected=2.0), "num_selected=2.0"),
+        (dict(routing="sinkhorn"), "routing='sinkhorn'"),
+        (dict(soft_top_k_target=0.0), "soft_top_k_target=0.0"),
+        (dict(epsilon=0.0), "epsilon=0.0"),
+        (dict(epsilon=float("nan")), "epsilon=nan"),
+        (dict(solver="sinkhorn"), "solver='sinkhorn'"),
+        (dict(num_iters=0), "num_iters=0"),
+        (dict(eps_init=4.0), "eps_init=4.0"),  # ε-scaling without the iterative solver
+        (dict(solver="iterative", eps_init=0.5), "eps_init=0.5"),  # below epsilon = 1
+        (dict(solver="iterative", eps_init=4.0, eps_decay=1.0), "eps_decay=1.0"),
+        (dict(init_scale=-1.0), "init_scale=-1.0"),
     ],
 )
-def test_router_rejects_bad_configuration(router, match):
-  with pytest.raises(ValueError, match=match):
-    router.init(jax.random.PRNGKey(0), jnp.zeros((1, LENGTH, EMBED)))
+def test_router_rejects_bad_settings_when_built(kwargs, attribute):
+  # At construction, before any input: a bad gin binding fails where the router is made,
+  # and the message names the binding to fix.
+  kwargs = {"num_selected": 2, **kwargs}
+  name = attribute.split("=")[0]
+  with pytest.raises(ValueError, match=rf"Router\.{attribute}.*routing\.Router\.{name}\)"):
+    Router(**kwargs)
+
+
+def test_router_settings_the_architecture_file_binds_are_accepted():
+  # configs/architectures/colt5.gin's values, and the iterative solver with ε-scaling.
+  Router(2, routing="learned", epsilon=1.0, solver="exact", num_iters=50, init_scale=1.0)
+  Router(2, epsilon=0.5, solver="iterative", num_iters=20, eps_init=4.0, eps_decay=0.7)
+  Router(np.int64(3), soft_top_k_target=3.375, routing="static")
+
+
+def test_router_rejects_more_tokens_than_the_input_has():
+  with pytest.raises(ValueError, match=f"num_selected={LENGTH + 1}"):
+    Router(LENGTH + 1).init(jax.random.PRNGKey(0), jnp.zeros((1, LENGTH, EMBED)))
 
 
 def test_router_rejects_mismatched_mask():
