@@ -11,11 +11,16 @@ benchmark and the tests use this module:
       # factories when they are traced, so the configuration must still be live.
 
 `parsed` clears gin's configuration on entry and on exit: one model per `with` block.
+`frozen(name)` evaluates a macro into plain Python objects that need no live
+configuration (every gin reference becomes a `functools.partial` with its bindings), for
+networks that outlive the block (the tests' fixtures, `convert.hf_architecture`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -100,3 +105,73 @@ def model_from_gin(name: str = "MODEL") -> Any:
   # evaluates the bound value (`@model.EncoderDecoderModel()`) as gin would.
   with gin.config_scope(name):
     return gin.get_configurable("gin.macro")()
+
+
+def frozen(name: str = "MODEL") -> Any:
+  """The gin macro `name` of the parsed configuration, evaluated into plain Python.
+
+  What `model_from_gin(name)` gives, except that no gin-configured callable is left inside:
+  a factory bound by reference (`@attention.SelfAttention`, called by a flax module when it
+  is traced) is normally gin's wrapper, which reads the bindings at call time, so the
+  configuration must stay live until everything is compiled. Here each such reference is
+  replaced by `functools.partial(<the class or function>, **<its bindings>)`, recursively,
+  so the result keeps working after `parsed` clears gin. Callers' keyword arguments still
+  take precedence over the bindings, as with gin's wrapper. One difference: a value a
+  factory's binding evaluates (`capacity = @routing.RoutingCapacity()`) is evaluated once,
+  here, not at each call of the factory (the same for immutable values like that one).
+
+  Scopes follow gin: a scoped reference (`@encoder/mlp.GatedMlp`, `%MACRO`, which is
+  `@MACRO/gin.macro()`) reads its bindings in exactly its scope; an unscoped evaluated one
+  (`@X()`) in the scope where it is evaluated; an unscoped factory in none (flax calls it
+  when it traces, outside any scope).
+
+  Raises:
+    ValueError: the configuration defines no such macro, or a binding it reaches is
+      `gin.REQUIRED` (named).
+  """
+  try:
+    bindings = gin.get_bindings(f"{name}/gin.macro", resolve_references=False)
+  except ValueError:
+    bindings = {}
+  if "value" not in bindings:
+    raise ValueError(f"The gin configuration defines no {name} macro")
+  return _frozen(bindings["value"], [name], what=f"%{name}")
+
+
+def _frozen(value: Any, scopes: list[str], what: str) -> Any:
+  """`value` with every gin reference in it replaced by plain partials (see `frozen`)."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    value = _frozen_reference(value, scopes)
+  if value is gin.REQUIRED:
+    raise ValueError(f"{what} is gin.REQUIRED and no gin file or binding sets it")
+  if isinstance(value, list):
+    return [_frozen(item, scopes, what) for item in value]
+  if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    return tuple(_frozen(item, scopes, what) for item in value)
+  if isinstance(value, dict):
+    return {key: _frozen(item, scopes, f"{what}[{key!r}]") for key, item in value.items()}
+  return value
+
+
+def _frozen_reference(reference: Any, scopes: list[str]) -> Any:
+  configurable = reference.configurable
+  if configurable.selector in ("gin.constant", "gin.singleton"):
+    return copy.deepcopy(reference)  # gin evaluates these from its own tables, now
+  # gin calls a scoped reference in exactly its scopes, an unscoped one in the scopes
+  # active at the call: those of the binding being evaluated, none later (at trace time).
+  if reference.scopes:
+    own_scopes = list(reference.scopes)
+  else:
+    own_scopes = list(scopes) if reference.evaluate else []
+  bindings = gin.get_bindings(
+      "/".join([*own_scopes, configurable.selector]), resolve_references=False
+  )
+  if configurable.wrapped is gin.config.macro:
+    return _frozen(bindings["value"], own_scopes, f"%{'/'.join(own_scopes)}")
+  kwargs = {
+      key: _frozen(item, own_scopes, f"{configurable.selector}.{key}")
+      for key, item in bindings.items()
+  }
+  if reference.evaluate:
+    return configurable.wrapped(**kwargs)
+  return functools.partial(configurable.wrapped, **kwargs)
