@@ -242,7 +242,9 @@ def from_hf(
   Returns:
     (network, variables): an `EncoderDecoder` (multi-head cross-attention, gated-GELU
     MLPs, `scan_layers=False`) and `{"params": ...}` with `nn.LogicallyPartitioned`
-    leaves (float32). See the module docstring for what matches and what raises.
+    leaves (float32). See the module docstring for what matches and what raises. The
+    network is built from the project's gin files (`hf_architecture.build_network`),
+    which clears gin's configuration.
   """
   arch = architecture_from_hf(model)
   net = build_network(arch, dtype=dtype)

@@ -3,22 +3,20 @@
 `architecture_from_hf(model)` reads the sizes and switches of a `T5ForConditionalGeneration`
 or `LongT5ForConditionalGeneration` into a `T5Architecture` (ValueError for what our network
 cannot express: see `convert/hf.py`'s docstring); `build_network(arch)` builds our
-`EncoderDecoder` with them, and `gin_bindings(arch)` writes the model gin file that builds
-the same network from the project's configs. `convert/hf.py` moves the parameters.
+`EncoderDecoder` with them from the project's configs, through the model gin file that
+`gin_bindings(arch)` writes (and the conversion script prints). `convert/hf.py` moves the
+parameters.
 """
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
 
+from colt5_flax import model_files
 from colt5_flax import network as network_lib
-from colt5_flax.layers import attention, local_attention
-from colt5_flax.layers.mlp import GatedMlp
 
 Dtype = Any
 
@@ -63,18 +61,6 @@ class T5Architecture:
   global_block_size: int | None
   logits_via_embedding: bool
   logits_scale: float
-
-
-def encoder_attention_class(kind: str) -> type[nn.Module]:
-  """The encoder self-attention module for `kind` ("full", "local", "transient_global")."""
-  classes = {
-      "full": attention.SelfAttention,
-      "local": local_attention.LocalSelfAttention,
-      "transient_global": local_attention.TransientGlobalSelfAttention,
-  }
-  if kind not in classes:
-    raise ValueError(f"encoder attention kind {kind!r}; expected one of {ENCODER_ATTENTION_KINDS}")
-  return classes[kind]
 
 
 def architecture_from_hf(model) -> T5Architecture:
@@ -178,7 +164,14 @@ def build_network(
     scan_layers: bool = False,
     remat_policy: str = "none",
 ) -> network_lib.EncoderDecoder:
-  """Our `EncoderDecoder` with `arch`'s sizes: multi-head decoder self- and cross-attention.
+  """Our `EncoderDecoder` with `arch`'s sizes, built from the project's gin files.
+
+  The network is the one `gin_bindings(arch)` describes (the encoder kind's architecture
+  file with arch's sizes: multi-head decoder self- and cross-attention), with the run-level
+  settings bound on top: the checkpoint's dropout rate, `dtype`, `scan_layers`,
+  `remat_policy`. So a converted checkpoint and the gin file printed for it make the same
+  network. Built with `model_files.frozen`, it needs no live gin configuration; gin's
+  configuration is cleared before and after (`model_files.parsed`).
 
   Args:
     arch: from `architecture_from_hf`.
@@ -191,54 +184,15 @@ def build_network(
         f"encoder_attention={arch.encoder_attention!r}; expected one of "
         f"{ENCODER_ATTENTION_KINDS}"
     )
-  attention_kwargs = dict(
-      num_heads=arch.num_heads,
-      head_dim=arch.head_dim,
-      dropout_rate=arch.dropout_rate,
-      dtype=dtype,
-  )
-  if arch.encoder_attention != "full":
-    attention_kwargs["local_radius"] = arch.local_radius
-  if arch.encoder_attention == "transient_global":
-    attention_kwargs["global_block_size"] = arch.global_block_size
-  stack_kwargs = dict(
-      dropout_rate=arch.dropout_rate,
-      num_buckets=arch.num_buckets,
-      max_distance=arch.max_distance,
-      scan_layers=scan_layers,
-      remat_policy=remat_policy,
-      dtype=dtype,
-  )
-  encoder_factory = functools.partial(
-      network_lib.Encoder,
-      num_layers=arch.num_encoder_layers,
-      attention_factory=functools.partial(
-          encoder_attention_class(arch.encoder_attention), **attention_kwargs
-      ),
-      feed_forward_factory=functools.partial(
-          GatedMlp, hidden_dim=arch.mlp_dim, dropout_rate=arch.dropout_rate, dtype=dtype
-      ),
-      **stack_kwargs,
-  )
-  decoder_factory = functools.partial(
-      network_lib.Decoder,
-      num_layers=arch.num_decoder_layers,
-      num_heads=arch.num_heads,
-      mlp_dim=arch.mlp_dim,
-      head_dim=arch.head_dim,
-      num_self_attention_kv_heads=None,
-      # T5 and LongT5 use multi-head cross-attention (CoLT5 uses multi-query).
-      num_cross_attention_kv_heads=None,
-      **stack_kwargs,
-  )
-  return network_lib.EncoderDecoder(
-      vocab_size=arch.vocab_size,
-      embed_dim=arch.embed_dim,
-      encoder_factory=encoder_factory,
-      decoder_factory=decoder_factory,
-      logits_via_embedding=arch.logits_via_embedding,
-      dtype=dtype,
-  )
+  bindings = [
+      gin_bindings(arch),
+      f"DROPOUT_RATE = {float(arch.dropout_rate)!r}",
+      f"ACTIVATION_DTYPE = {jnp.dtype(dtype).name!r}",
+      f"SCAN_LAYERS = {bool(scan_layers)!r}",
+      f"REMAT_POLICY = {remat_policy!r}",
+  ]
+  with model_files.parsed([], bindings):
+    return model_files.frozen("ARCHITECTURE")
 
 
 # The project's architecture file for each encoder kind (configs/architectures/).
@@ -255,7 +209,7 @@ _ATTENTION_CONFIGURABLES = {
 
 
 def gin_bindings(arch: T5Architecture, vocabulary: str | None = None) -> str:
-  """A model gin file (as configs/models/*.gin) for the network `build_network(arch)` builds.
+  """A model gin file (as configs/models/*.gin) for `arch`: what `build_network` builds.
 
   It includes the project's architecture file for the encoder kind (found through the
   `configs/` search path) and sets its size macros; what those files leave at a default
