@@ -14,10 +14,10 @@ from colt5_flax.decoding import (
     DecodingState,
     PyTree,
     TokensToLogits,
-    _check_cache_batch,
-    _check_inputs,
-    _check_logits,
-    _check_positive_int,
+    check_cache_batch,
+    check_inputs,
+    check_logits,
+    check_positive_int,
     expand_for_decodes,
 )
 
@@ -116,18 +116,18 @@ def beam_search(
   """
   del decode_rng
   inputs = jnp.asarray(inputs)
-  _check_inputs(inputs)
-  _check_positive_int("num_decodes", num_decodes)
+  check_inputs(inputs)
+  check_positive_int("num_decodes", num_decodes)
   batch_size, length = inputs.shape
   if max_decode_len is None:
     max_decode_len = length
-  _check_positive_int("max_decode_len", max_decode_len)
+  check_positive_int("max_decode_len", max_decode_len)
   if length > max_decode_len:
     raise ValueError(
         f"the decoder prompt (inputs) has length {length}, longer than max_decode_len "
         f"{max_decode_len}"
     )
-  _check_cache_batch(cache, batch_size, cache_offset)
+  check_cache_batch(cache, batch_size, cache_offset)
   num_beams = num_decodes
   rows = batch_size * num_beams
   width = max_decode_len + 1  # the start token, then max_decode_len tokens
@@ -170,7 +170,7 @@ def beam_search(
             cache=state.cache,
         )
     )
-    logits = _check_logits(logits, rows, eos_id)
+    logits = check_logits(logits, rows, eos_id)
     vocab_size = logits.shape[1]
     if vocab_size < 2:
       raise ValueError(f"beam search needs a vocabulary of at least 2 tokens, got {vocab_size}")

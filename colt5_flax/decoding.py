@@ -70,7 +70,7 @@ TokensToLogits = Callable[[DecodingState], tuple[jax.Array, PyTree]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks and the batch expansion shared by both decoders.
+# Input checks and the batch expansion shared by both decoders (beam_search.py imports them).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -78,12 +78,14 @@ def _is_concrete(value) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
-def _check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> None:
+  """ValueError naming `name` unless `value` is an int >= 1 (num_decodes, beam_size, ...)."""
   if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_inputs(inputs) -> None:
+def check_inputs(inputs) -> None:
+  """ValueError unless `inputs` is a decoder prompt: [batch, length >= 1] integer ids."""
   if inputs.ndim != 2:
     raise ValueError(f"inputs must be [batch, length], got shape {inputs.shape}")
   if not jnp.issubdtype(inputs.dtype, jnp.integer):
@@ -92,7 +94,7 @@ def _check_inputs(inputs) -> None:
     raise ValueError(f"inputs need at least the start-token position, got shape {inputs.shape}")
 
 
-def _check_cache_batch(cache: PyTree, batch_size: int, batch_axis: int) -> None:
+def check_cache_batch(cache: PyTree, batch_size: int, batch_axis: int) -> None:
   """Every non-scalar cache array must carry the batch on `batch_axis`, or expansion is wrong."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
     shape = jnp.shape(leaf)
@@ -120,7 +122,7 @@ def expand_for_decodes(tree: PyTree, num_decodes: int, *, batch_axis: int = 0) -
   Returns:
     The same pytree with batch * num_decodes on `batch_axis`.
   """
-  _check_positive_int("num_decodes", num_decodes)
+  check_positive_int("num_decodes", num_decodes)
 
   def expand(leaf):
     leaf = jnp.asarray(leaf)
@@ -131,7 +133,9 @@ def expand_for_decodes(tree: PyTree, num_decodes: int, *, batch_axis: int = 0) -
   return jax.tree_util.tree_map(expand, tree)
 
 
-def _check_logits(logits, rows: int, eos_id: int):
+def check_logits(logits, rows: int, eos_id: int):
+  """`tokens_to_logits`'s logits as float32 [rows, vocab]; ValueError if the shape is not
+  that or `eos_id` is outside the vocabulary."""
   if logits.ndim != 2 or logits.shape[0] != rows:
     raise ValueError(f"tokens_to_logits must return logits [{rows}, vocab], got {logits.shape}")
   vocab_size = logits.shape[1]
@@ -301,8 +305,8 @@ def temperature_sample(
       longer than `length`, malformed inputs, or cache arrays whose batch axis is not batch.
   """
   inputs = jnp.asarray(inputs)
-  _check_inputs(inputs)
-  _check_positive_int("num_decodes", num_decodes)
+  check_inputs(inputs)
+  check_positive_int("num_decodes", num_decodes)
   if isinstance(topk, bool) or not isinstance(topk, int | np.integer) or topk < 0:
     raise ValueError(f"topk must be a non-negative int (0 = off), got {topk!r}")
   if _is_concrete(topp) and not 0.0 <= float(topp) <= 1.0:
@@ -335,7 +339,7 @@ def temperature_sample(
           f"got {max_decode_steps}"
       )
 
-  _check_cache_batch(cache, batch_size, cache_offset)
+  check_cache_batch(cache, batch_size, cache_offset)
   if decode_rng is None:
     decode_rng = jax.random.PRNGKey(0)
 
@@ -390,7 +394,7 @@ def temperature_sample(
             cache=state.cache,
         )
     )
-    logits = _check_logits(logits, rows, eos_id)
+    logits = check_logits(logits, rows, eos_id)
     chosen, chosen_log_prob = _choose_tokens(
         logits,
         step_rng,
