@@ -29,6 +29,7 @@ from colt5_flax import model as model_lib  # noqa: E402
 from colt5_flax import optimizers, partitioning  # noqa: E402
 from colt5_flax import trainer as trainer_lib  # noqa: E402
 from colt5_flax.convert import hf  # noqa: E402
+from tests import hf_fixtures  # noqa: E402
 
 VOCAB = 48
 INPUT_LENGTH, TARGET_LENGTH = 19, 7
@@ -42,17 +43,9 @@ EPSILON = 1e-6
 WEIGHT_DECAY = 0.1
 MAX_GRAD_NORM = 1.0
 _COMMON = dict(
+    hf_fixtures.SIZES,
     vocab_size=VOCAB,
-    d_model=16,
-    d_kv=4,
-    d_ff=24,
-    num_layers=2,
     num_decoder_layers=2,
-    num_heads=3,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
     # As T5's released configs: HF's label shift starts the decoder with the padding id 0.
     pad_token_id=0,
     decoder_start_token_id=0,
@@ -70,16 +63,10 @@ def _hf_model(kind: str):
   torch.manual_seed(0)
   if kind == "t5":
     model = transformers.T5ForConditionalGeneration(
-        transformers.T5Config(**_COMMON, tie_word_embeddings=True)
+        hf_fixtures.config("t5", **_COMMON, tie_word_embeddings=True)
     )
   else:
-    config = transformers.LongT5Config(
-        **_COMMON,
-        tie_word_embeddings=False,
-        encoder_attention_type=kind,
-        local_radius=2,
-        global_block_size=4,
-    )
+    config = hf_fixtures.config(kind, **_COMMON, tie_word_embeddings=False)
     model = transformers.LongT5ForConditionalGeneration(config)
     with torch.no_grad():
       model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
@@ -214,7 +201,7 @@ def test_tied_unscaled_head_warns_that_fine_tuning_differs():
   """
   torch.manual_seed(0)
   model = transformers.T5ForConditionalGeneration(
-      transformers.T5Config(**_COMMON, tie_word_embeddings=False)
+      hf_fixtures.config("t5", **_COMMON, tie_word_embeddings=False)
   )
   assert model.lm_head.weight is model.shared.weight  # tied in memory by transformers
   with pytest.warns(UserWarning, match="fine-tunes differently"):

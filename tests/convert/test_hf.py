@@ -25,25 +25,11 @@ transformers = pytest.importorskip("transformers")
 
 from colt5_flax import network  # noqa: E402
 from colt5_flax.convert import hf, hf_architecture  # noqa: E402
-from tests import tolerances  # noqa: E402
+from tests import hf_fixtures, tolerances  # noqa: E402
 
 VOCAB = 40
-_COMMON = dict(
-    vocab_size=VOCAB,
-    d_model=16,
-    d_kv=4,
-    d_ff=24,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=3,
-    # Few buckets and a short max distance, so that 19 tokens reach the log buckets.
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-)
-LOCAL_RADIUS, GLOBAL_BLOCK = 2, 4
-
+# More decoder than encoder layers (tests/hf_fixtures.py has the rest of the sizes).
+_COMMON = dict(hf_fixtures.SIZES, vocab_size=VOCAB, num_decoder_layers=3)
 
 
 def _hf_model(kind: str, *, tied: bool, untie_head: bool = False, seed: int = 0):
@@ -53,17 +39,10 @@ def _hf_model(kind: str, *, tied: bool, untie_head: bool = False, seed: int = 0)
   untie_head: give `lm_head` its own random weights, as a T5.1.1 checkpoint has.
   """
   torch.manual_seed(seed)
+  config = hf_fixtures.config(kind, **_COMMON, tie_word_embeddings=tied)
   if kind == "t5":
-    config = transformers.T5Config(**_COMMON, tie_word_embeddings=tied)
     model = transformers.T5ForConditionalGeneration(config)
   else:
-    config = transformers.LongT5Config(
-        **_COMMON,
-        tie_word_embeddings=tied,
-        encoder_attention_type=kind,
-        local_radius=LOCAL_RADIUS,
-        global_block_size=GLOBAL_BLOCK,
-    )
     model = transformers.LongT5ForConditionalGeneration(config)
   with torch.no_grad():
     for name, parameter in model.named_parameters():
@@ -197,7 +176,7 @@ def _find(tree, key):
 )
 def test_unconvertible_configs_raise(overrides, message):
   torch.manual_seed(0)
-  config = transformers.T5Config(**{**_COMMON, **overrides})
+  config = hf_fixtures.config("t5", **{**_COMMON, **overrides})
   with pytest.raises(ValueError, match=message):
     hf.from_hf(transformers.T5ForConditionalGeneration(config))
 
