@@ -14,7 +14,6 @@ One layer of each stack is in `transformer_layers.py`; `layer_stack.run_stack` r
 stack (remat, scan).
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 
 from colt5_flax.layer_stack import run_stack
 from colt5_flax.layers import attention, relative_position
-from colt5_flax.layers.mlp import GatedMlp
 from colt5_flax.layers.normalization import RMSNorm
 from colt5_flax.transformer_layers import DecoderLayer, EncoderLayer, ModuleFactory, t5_dropout
 
@@ -360,37 +358,3 @@ class EncoderDecoder(nn.Module):
         decode=decode,
         max_decode_length=max_decode_length,
     )
-
-
-def t5_encoder_factory(
-    *,
-    num_layers,
-    num_heads,
-    mlp_dim,
-    head_dim=64,
-    dropout_rate=0.0,
-    dtype=jnp.float32,
-    num_buckets=32,
-    max_distance=128,
-    **kwargs,
-):
-  """The T5.1.1 encoder (full attention, dense gated MLP) as an `Encoder` factory."""
-  return functools.partial(
-      Encoder,
-      num_layers=num_layers,
-      attention_factory=functools.partial(
-          attention.SelfAttention,
-          num_heads=num_heads,
-          head_dim=head_dim,
-          dropout_rate=dropout_rate,
-          dtype=dtype,
-      ),
-      feed_forward_factory=functools.partial(
-          GatedMlp, hidden_dim=mlp_dim, dropout_rate=dropout_rate, dtype=dtype
-      ),
-      dropout_rate=dropout_rate,
-      dtype=dtype,
-      num_buckets=num_buckets,
-      max_distance=max_distance,
-      **kwargs,
-  )

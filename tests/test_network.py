@@ -9,11 +9,13 @@
   gradients, with the plain parameters stacked by hand onto the leading `layers` axis.
 - Bad input raising ValueErrors that name the feature.
 
+Every network is built from its model file (configs/models/<kind>_tiny.gin) with the
+tests' smaller sizes bound on top, as `model_files` builds them for every other caller.
+
 Logits of the full network against transformers' T5 / LongT5 are in
 tests/convert/test_hf.py.
 """
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -21,9 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from colt5_flax import network
-from colt5_flax.layers import attention, conditional, local_attention, routing
-from colt5_flax.layers.mlp import GatedMlp
+from colt5_flax import model_files
 from tests import tolerances
 
 VOCAB, EMBED, HEADS, HEAD_DIM, MLP = 37, 16, 4, 4, 24
@@ -31,47 +31,8 @@ VOCAB, EMBED, HEADS, HEAD_DIM, MLP = 37, 16, 4, 4, 24
 NUM_BUCKETS, MAX_DISTANCE = 8, 16
 LOCAL_RADIUS, GLOBAL_BLOCK = 2, 4
 
-
-def _encoder_factory(kind: str, *, num_layers=2, scan_layers=False, remat_policy="none"):
-  common = dict(num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE)
-  feed_forward = functools.partial(GatedMlp, hidden_dim=MLP)
-  if kind == "t5":
-    attention_factory = functools.partial(
-        attention.SelfAttention, num_heads=HEADS, head_dim=HEAD_DIM
-    )
-  elif kind == "local":
-    attention_factory = functools.partial(
-        local_attention.LocalSelfAttention,
-        num_heads=HEADS, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
-    )
-  elif kind == "tglobal":
-    attention_factory = functools.partial(
-        local_attention.TransientGlobalSelfAttention,
-        num_heads=HEADS, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
-        global_block_size=GLOBAL_BLOCK,
-    )
-  elif kind == "colt5":
-    attention_factory = functools.partial(
-        conditional.ConditionalAttention,
-        num_light_heads=1, num_heavy_heads=3, head_dim=HEAD_DIM, local_radius=LOCAL_RADIUS,
-        capacity=routing.RoutingCapacity(fraction=1 / 4),
-    )
-    feed_forward = functools.partial(
-        conditional.ConditionalFeedForward,
-        light_mlp_dim=MLP // 2, heavy_mlp_dim=4 * MLP,
-        capacity=routing.RoutingCapacity(fraction=1 / 4),
-    )
-  else:
-    raise ValueError(kind)
-  return functools.partial(
-      network.Encoder,
-      num_layers=num_layers,
-      attention_factory=attention_factory,
-      feed_forward_factory=feed_forward,
-      scan_layers=scan_layers,
-      remat_policy=remat_policy,
-      **common,
-  )
+# The encoder kinds here and their model files' names (configs/models/<name>_tiny.gin).
+_KINDS = {"t5": "t5", "local": "longt5_local", "tglobal": "longt5_tglobal", "colt5": "colt5"}
 
 
 def _network(
@@ -83,27 +44,33 @@ def _network(
     remat_policy="none",
     encoder_layers=2,
     decoder_layers=2,
+    dtype="float32",
+    tied=False,
 ):
-  return network.EncoderDecoder(
-      vocab_size=VOCAB,
-      embed_dim=EMBED,
-      encoder_factory=_encoder_factory(
-          kind, num_layers=encoder_layers, scan_layers=scan_layers, remat_policy=remat_policy
-      ),
-      decoder_factory=functools.partial(
-          network.Decoder,
-          num_layers=decoder_layers,
-          num_heads=HEADS,
-          head_dim=HEAD_DIM,
-          mlp_dim=MLP,
-          num_self_attention_kv_heads=self_kv_heads,
-          num_cross_attention_kv_heads=cross_kv_heads,
-          num_buckets=NUM_BUCKETS,
-          max_distance=MAX_DISTANCE,
-          scan_layers=scan_layers,
-          remat_policy=remat_policy,
-      ),
-  )
+  """The `EncoderDecoder` of configs/models/<kind>_tiny.gin at the tests' smaller sizes."""
+  bindings = {
+      "VOCAB_SIZE": VOCAB, "EMBED_DIM": EMBED, "NUM_HEADS": HEADS, "HEAD_DIM": HEAD_DIM,
+      "MLP_DIM": MLP, "NUM_ENCODER_LAYERS": encoder_layers,
+      "NUM_DECODER_LAYERS": decoder_layers, "NUM_CROSS_ATTENTION_KV_HEADS": cross_kv_heads,
+      "SCAN_LAYERS": scan_layers, "REMAT_POLICY": remat_policy, "ACTIVATION_DTYPE": dtype,
+      "network.Decoder.num_self_attention_kv_heads": self_kv_heads,
+      "network.EncoderDecoder.logits_via_embedding": tied,
+  }
+  for stack in ("network.Encoder", "network.Decoder"):
+    bindings[f"{stack}.num_buckets"] = NUM_BUCKETS
+    bindings[f"{stack}.max_distance"] = MAX_DISTANCE
+  if kind != "t5":
+    bindings["LOCAL_RADIUS"] = LOCAL_RADIUS
+  if kind == "tglobal":
+    bindings["GLOBAL_BLOCK_SIZE"] = GLOBAL_BLOCK
+  if kind == "colt5":
+    bindings.update(
+        NUM_LIGHT_HEADS=1, NUM_HEAVY_HEADS=3, LIGHT_MLP_DIM=MLP // 2, HEAVY_MLP_DIM=4 * MLP,
+        ROUTED_FRACTION=1 / 4,
+    )
+  model_file = model_files.model_file(_KINDS[kind], "tiny")
+  with model_files.parsed([model_file], [f"{k} = {v!r}" for k, v in bindings.items()]):
+    return model_files.frozen("ARCHITECTURE")
 
 
 def _random_params(net, seed=0):
@@ -487,7 +454,7 @@ def test_network_names_mismatched_decoder_shapes():
 def test_encoder_bucketing_reaches_every_table(kind):
   # The encoder owns the bucketing of all its tables: its max_distance must change what
   # the layers read (it once had no effect), and its num_buckets sizes every table.
-  factory = _encoder_factory(kind, num_layers=1)
+  factory = _network(kind, encoder_layers=1).encoder_factory
   embedded = jax.random.normal(jax.random.PRNGKey(1), (1, 40, EMBED))
   mask = jnp.ones((1, 40), bool)
   encoder = factory()
@@ -511,14 +478,7 @@ def test_bfloat16_network_projects_its_logits_in_float32(tied):
   # float32, as t5x's `logits_dense`: its logits must equal the float64 product of those
   # states and the float32 weights up to float32 rounding (EMBED-term dot products:
   # γ = EMBED·eps32 of Σ|s·w|), far below bfloat16's rounding of the logits themselves.
-  net = network.EncoderDecoder(
-      vocab_size=VOCAB, embed_dim=EMBED, logits_via_embedding=tied, dtype=jnp.bfloat16,
-      encoder_factory=functools.partial(_encoder_factory("t5"), dtype=jnp.bfloat16),
-      decoder_factory=functools.partial(
-          network.Decoder, num_layers=1, num_heads=HEADS, head_dim=HEAD_DIM, mlp_dim=MLP,
-          num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE, dtype=jnp.bfloat16,
-      ),
-  )
+  net = _network("t5", decoder_layers=1, dtype="bfloat16", tied=tied)
   rng = np.random.default_rng(3)
   inputs = rng.integers(1, VOCAB, size=(2, 12))
   targets = rng.integers(1, VOCAB, size=(2, 7))

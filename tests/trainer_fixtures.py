@@ -1,7 +1,8 @@
 """Shared pieces of the trainer, checkpoint and CLI tests.
 
-- `tiny_model()`: the T5.1.1 network of `configs/runs/test_tiny.gin`, built in Python for
-  the in-process tests (embed 32, 2 encoder + 1 decoder layers, byte vocabulary).
+- `tiny_model()`: the model of `configs/runs/test_tiny.gin` (T5.1.1-tiny: embed 32, 2
+  encoder + 1 decoder layers, byte vocabulary), built from that file for the in-process
+  tests, so they and the CLI runs train the same network.
 - `random_batch()`: a seqio-shaped encoder-decoder batch of random byte tokens.
 - `assert_same_step()`: two float32 runs of one train step agree (tests/tolerances.py).
 - `python -m tests.trainer_fixtures ARGS`: runs `colt5_flax.train` and, when
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import seqio
 
 from tests import tolerances
 
@@ -30,32 +30,23 @@ TINY_GIN = REPO_ROOT / "configs" / "runs" / "test_tiny.gin"
 SIGKILL_ENV = "COLT5_TEST_SIGKILL_AFTER_STEP"
 SIGTERM_ENV = "COLT5_TEST_SIGTERM_AT_STEP"
 
-VOCAB_SIZE = 384  # ByteVocabulary's 259 ids, padded to a multiple of 128 (t5x habit)
 INPUT_LENGTH = 64
 TARGET_LENGTH = 8
 
 
 def tiny_model(dropout_rate: float = 0.0, loss_normalizing_factor=None):
-  """The test_tiny.gin model: T5.1.1, embed 32, 2+1 layers, 2 heads of 8, MLP 64."""
-  from colt5_flax import model as model_lib
-  from colt5_flax import network
+  """The test_tiny.gin model with `dropout_rate` (the file's is 0.1); gin is cleared after.
 
-  encoder = network.t5_encoder_factory(
-      num_layers=2, num_heads=2, head_dim=8, mlp_dim=64, dropout_rate=dropout_rate
-  )
+  Built by `model_files.frozen`, so it keeps working when later tests clear gin.
+  """
+  from colt5_flax import model_files
 
-  def decoder(**kwargs):
-    return network.Decoder(
-        num_layers=1, num_heads=2, head_dim=8, mlp_dim=64, dropout_rate=dropout_rate, **kwargs
-    )
-
-  module = network.EncoderDecoder(
-      vocab_size=VOCAB_SIZE, embed_dim=32, encoder_factory=encoder, decoder_factory=decoder
-  )
-  vocabulary = seqio.ByteVocabulary()
-  return model_lib.EncoderDecoderModel(
-      module, vocabulary, vocabulary, loss_normalizing_factor=loss_normalizing_factor
-  )
+  bindings = [
+      f"DROPOUT_RATE = {float(dropout_rate)!r}",
+      f"LOSS_NORMALIZING_FACTOR = {loss_normalizing_factor!r}",
+  ]
+  with model_files.parsed([str(TINY_GIN)], bindings):
+    return model_files.frozen("MODEL")
 
 
 @functools.cache
