@@ -22,7 +22,9 @@ What a run leaves in `MODEL_DIR`:
 Resuming is automatic: a run finds the latest complete checkpoint in `MODEL_DIR`, restores
 it onto the current mesh, and skips the batches already consumed, so the continued run
 is bit-identical to an uninterrupted one (an unreadable latest checkpoint is skipped for
-the previous one and moved aside, see `checkpoints.py`). Every host reads the same global
+the previous one and moved aside, see `checkpoints.py`); a run resumed with another task,
+lengths, batch size or seed starts that new stream at its first batch (a curriculum's
+next stage: colt5_flax/demo.py). Every host reads the same global
 batches, so a run may resume on a different number of hosts (docs/multihost.md). SIGTERM
 (preemption) saves a checkpoint and returns cleanly; with several processes they agree
 on the step first. A non-finite loss stops the run with FloatingPointError naming the
@@ -311,7 +313,9 @@ def train(
       if restored is not None:
         latest_step, state, data_position = restored
         logging.info("Resuming from %s/checkpoint_%d", model_dir, latest_step)
-        _warn_if_data_changed(data_position, mixture_or_task_name, batch_size, seed)
+        if _data_changed(data_position, mixture_or_task_name, task_feature_lengths,
+                         batch_size, seed):
+          data_position = {}  # A different stream starts at its first batch.
       elif initial_checkpoint_path:
         logging.info("Initialising parameters from %s", initial_checkpoint_path)
         params = checkpoints.restore_params(initial_checkpoint_path, trainer.abstract_params)
@@ -328,6 +332,7 @@ def train(
         return {
             "batches_consumed": batches_consumed,
             "mixture_or_task_name": mixture_or_task_name,
+            "task_feature_lengths": dict(task_feature_lengths),
             "batch_size": batch_size,
             "seed": seed,
         }
@@ -466,15 +471,29 @@ def _summarize(window: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
   return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
 
 
-def _warn_if_data_changed(data_position, mixture_or_task_name, batch_size, seed) -> None:
-  now = {"mixture_or_task_name": mixture_or_task_name, "batch_size": batch_size, "seed": seed}
-  changed = {k: (data_position.get(k), v) for k, v in now.items() if data_position.get(k) != v}
+def _data_changed(
+    data_position, mixture_or_task_name, task_feature_lengths, batch_size, seed
+) -> bool:
+  """Whether the checkpoint's data position belongs to another data stream.
+
+  A resumed run continues its stream after the batches it consumed. A run that resumes
+  with another task, lengths, batch size or seed (a curriculum's next stage, a changed
+  configuration) reads a different stream, so it starts that stream at its beginning.
+  """
+  now = {
+      "mixture_or_task_name": mixture_or_task_name,
+      "task_feature_lengths": dict(task_feature_lengths),
+      "batch_size": batch_size,
+      "seed": seed,
+  }
+  recorded = {k: data_position.get(k) for k in now if k in data_position}
+  changed = {k: (v, now[k]) for k, v in recorded.items() if v != now[k]}
   if changed:
-    logging.warning(
-        "The checkpoint's data position was recorded for different data settings "
-        "(checkpoint, now): %s; resuming skips %s batches of the new stream",
-        changed, data_position.get("batches_consumed", 0),
+    logging.info(
+        "The checkpoint's data position was recorded for other data settings "
+        "(checkpoint, now): %s; the new data stream starts at its first batch", changed,
     )
+  return bool(changed)
 
 
 def main(argv: Sequence[str]) -> None:
