@@ -1,19 +1,23 @@
-"""`make demo`: a tiny CoLT5 learns a long-input task on CPU, and its router finds the facts.
+"""`make demo`: a tiny CoLT5 learns associative recall over 2048 tokens on CPU, and its
+routers learn to find the facts and the question.
 
     python -m colt5_flax.demo [--model_dir=runs/demo] [--gin.TRAIN_STEPS=...] [--nobaseline]
 
 1. Trains `configs/models/colt5_tiny.gin` + `configs/runs/demo.gin` through the real
-   trainer (`colt5_flax.train.train`) on the synthetic retrieval task: 2048-token
-   documents whose answer lies in one fact far outside the light branch's local window.
-2. Scores held-out documents: exact-match `accuracy` of greedy answers, and
-   `router_recall`, the fraction of the answer's fact tokens that the last encoder
-   layer's key/value router sends to heavy attention (CoLT5 §5.4's routing analysis).
-3. If the time budget allows, trains the same model without its heavy branches
-   (`ablations/no_heavy_branch.gin`) for as many steps, so the reader sees what routing
-   buys.
-4. Writes `MODEL_DIR/routing.png` (one document as a strip of tokens: the fact tokens and
-   each layer's routed tokens) and `MODEL_DIR/summary.json`; TensorBoard logs are in
-   `MODEL_DIR` (and `MODEL_DIR/light_only`).
+   trainer (`colt5_flax.train.train`), one call per curriculum stage
+   (`demo_script.curriculum`) in the same MODEL_DIR, on the associative-recall task
+   (`colt5_flax/data/recall.py`): the answer's fact lies beyond the light branch's reach.
+2. Scores held-out 2048-token inputs with the routers' real capacity: exact match of
+   greedy answers; `router_recall`, the fraction of the fact tokens that the last encoder
+   layer's key/value router selects (CoLT5 §5.4's routing analysis), also for the
+   answer's fact alone; `question_recall`, how often its query router selects the
+   question's key.
+3. Trains the same model without its heavy branches (`ablations/no_heavy_branch.gin`)
+   with the same curriculum and steps, and scores it alike: what routing buys.
+4. Writes `MODEL_DIR/summary.json`, `MODEL_DIR/routing.png` (one input as a strip of
+   tokens: the facts, the question and each layer's routed tokens) and
+   `MODEL_DIR/learning.png` (loss and exact match against steps, both models); TensorBoard
+   logs are in `MODEL_DIR` and `MODEL_DIR/light_only`.
 
 Running it again resumes from the checkpoints in `MODEL_DIR`: a finished run is not
 retrained, only re-scored. Delete the directory to start over.
@@ -21,6 +25,7 @@ retrained, only re-scored. Delete the directory to start over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,10 +38,9 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from colt5_flax import checkpoints, gin_utils, inference
+from colt5_flax import checkpoints, gin_utils, inference, jsonl
 from colt5_flax import train as train_lib
-from colt5_flax.data import synthetic
-from colt5_flax.data import tasks as tasks_lib
+from colt5_flax.data import recall
 
 FLAGS = flags.FLAGS
 
@@ -48,12 +52,52 @@ def _define_flags() -> None:
   flags.DEFINE_bool(
       "baseline", True, "Also train the light-only model (no heavy branch) for comparison."
   )
-  flags.DEFINE_float(
-      "time_budget_s", 600.0, "Training budget of the whole demo (both models), in seconds."
-  )
+
 
 DEMO_GIN_FILES = ("models/colt5_tiny.gin", "runs/demo.gin")
 BASELINE_GIN_FILE = "ablations/no_heavy_branch.gin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One curriculum stage: train up to `last_step` on `input_length`-token inputs."""
+
+  last_step: int
+  input_length: int
+  batch_size: int
+  bindings: tuple[str, ...] = ()
+
+
+def curriculum(
+    train_steps: int, stages: Sequence[tuple[float, int, int, Sequence[str]]]
+) -> list[Stage]:
+  """The demo's stages from gin (`demo_script.curriculum`, configs/runs/demo.gin).
+
+  Args:
+    train_steps: `TRAIN_STEPS`, the last step of the whole curriculum.
+    stages: (last step as a share of train_steps, input length, batch size, gin
+      bindings), the shares increasing to 1.0.
+
+  Returns:
+    The stages with their last steps rounded (each ≥ the previous one + 1).
+  """
+  if not stages:
+    raise ValueError("demo_script.curriculum.stages is empty")
+  shares = [float(stage[0]) for stage in stages]
+  if shares != sorted(shares) or shares[-1] != 1.0 or shares[0] <= 0.0:
+    raise ValueError(
+        f"demo_script.curriculum.stages: the shares of TRAIN_STEPS {shares} must increase "
+        "from > 0 to exactly 1.0 (the last stage ends at TRAIN_STEPS)"
+    )
+  if train_steps < len(stages):
+    raise ValueError(f"TRAIN_STEPS={train_steps} is fewer than the {len(stages)} stages")
+  result, previous = [], 0
+  for index, (share, length, batch_size, bindings) in enumerate(stages):
+    remaining = len(stages) - index - 1
+    last = min(max(round(share * train_steps), previous + 1), train_steps - remaining)
+    result.append(Stage(last, int(length), int(batch_size), tuple(bindings)))
+    previous = last
+  return result
 
 
 def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -69,18 +113,20 @@ def _configured(function):
     return gin.configurable(function)
 
 
-def routed_indices_by_layer(intermediates: Mapping[str, Any]) -> list[np.ndarray]:
-  """Each encoder layer's key/value routed positions, [batch, num_routed] per layer.
+def routed_indices_by_layer(
+    intermediates: Mapping[str, Any], name: str = "kv_routed_indices"
+) -> list[np.ndarray]:
+  """Each encoder layer's routed positions, [batch, num_routed] per layer.
 
-  Reads what `ConditionalAttention` sows (`kv_routed_indices`), for stacks with and
-  without `nn.scan` (whose layers are stacked along the first axis).
+  Reads what `ConditionalAttention` sows (`kv_routed_indices`, `q_routed_indices`), for
+  stacks with and without `nn.scan` (whose layers are stacked along the first axis).
   """
   encoder = intermediates.get("encoder", {})
   if "layers" in encoder:  # Scanned: one entry, [layers, batch, k].
-    sown = encoder["layers"]["layer"]["attention"].get("kv_routed_indices")
+    sown = encoder["layers"]["layer"]["attention"].get(name)
     return [] if sown is None else list(np.asarray(sown[0]))
   names = sorted((n for n in encoder if n.startswith("layers_")), key=lambda n: int(n[7:]))
-  sown = [encoder[n].get("attention", {}).get("kv_routed_indices") for n in names]
+  sown = [encoder[n].get("attention", {}).get(name) for n in names]
   return [np.asarray(s[0]) for s in sown if s is not None]
 
 
@@ -104,86 +150,156 @@ def router_recall(routed: np.ndarray, relevant: np.ndarray) -> float:
 def score(
     *,
     model,
-    mixture_or_task_name: str,
-    task_feature_lengths: Mapping[str, int],
+    eval_length: int,
     batch_size: int,
     partitioner,
     checkpoint_path: str,
     num_examples: int = 128,
+    num_values: int = 8,
 ) -> dict[str, Any]:
-  """Held-out accuracy and router recall of the checkpoint in `checkpoint_path`.
+  """Held-out exact match and router recalls of the checkpoint in `checkpoint_path`.
 
-  Gin: `demo_script.score.*` (configs/runs/demo.gin).
+  Scores the demo task at `eval_length` tokens (`recall.register_demo_task` with the
+  gin-bound knobs). Gin: `demo_script.score.*` (configs/runs/demo.gin).
   """
+  task_name = _configured(recall.register_demo_task)(input_length=eval_length)
+  lengths = recall.feature_lengths(eval_length)
   trainer, params, step = inference.restore_for_inference(
-      model, partitioner, checkpoint_path, batch_size, task_feature_lengths
+      model, partitioner, checkpoint_path, batch_size, lengths
   )
   metrics = inference.evaluate_tasks(
-      trainer, params, mixture_or_task_name, task_feature_lengths, batch_size,
+      trainer, params, task_name, lengths, batch_size,
       split="validation", num_examples=num_examples, compute_loss=False,
   )
-  accuracy = next(v for k, v in metrics.items() if k.endswith("/exact_match"))
-  result = {"step": step, "accuracy": accuracy / 100.0 if accuracy > 1.0 else accuracy}
+  accuracy = metrics[f"{task_name}/exact_match"]
+  result = {
+      "step": step,
+      "eval_length": eval_length,
+      "accuracy": accuracy / 100.0 if accuracy > 1.0 else accuracy,
+  }
 
-  task = tasks_lib.get_task(mixture_or_task_name)
-  examples = inference.load_examples(task, "validation", task_feature_lengths, num_examples)
+  examples = inference.load_examples(
+      inference.tasks_with_split(task_name, "validation")[0], "validation", lengths,
+      num_examples,
+  )
   encode = jax.jit(
       lambda p, tokens: model.module.apply(
           {"params": p}, tokens, enable_dropout=False, method=model.module.encode,
           mutable=["intermediates"],
       )[1].get("intermediates", {})
   )
-  routed_layers, relevant, tokens = [], [], []
-  for num_rows, batch in inference.batches(examples, task_feature_lengths, batch_size):
-    layers = routed_indices_by_layer(jax.device_get(encode(params, batch["encoder_input_tokens"])))
-    if not layers:
+  kv_layers, q_layers, tokens = [], [], []
+  for num_rows, batch in inference.batches(examples, lengths, batch_size):
+    intermediates = jax.device_get(encode(params, batch["encoder_input_tokens"]))
+    kv = routed_indices_by_layer(intermediates, "kv_routed_indices")
+    if not kv:
       break  # No heavy branch: nothing is routed.
-    routed_layers.append([layer[:num_rows] for layer in layers])
-    relevant.append(synthetic.relevant_mask_for(batch["encoder_input_tokens"][:num_rows]))
+    kv_layers.append([layer[:num_rows] for layer in kv])
+    q_layers.append(
+        [layer[:num_rows] for layer in routed_indices_by_layer(intermediates, "q_routed_indices")]
+    )
     tokens.append(batch["encoder_input_tokens"][:num_rows])
-  if routed_layers:
-    per_layer = [np.concatenate(parts) for parts in zip(*routed_layers, strict=True)]
-    relevant_mask = np.concatenate(relevant)
-    result["router_recall"] = router_recall(per_layer[-1], relevant_mask)
-    result["router_recall_by_layer"] = [router_recall(r, relevant_mask) for r in per_layer]
+  if kv_layers:
+    kv_by_layer = [np.concatenate(parts) for parts in zip(*kv_layers, strict=True)]
+    q_by_layer = [np.concatenate(parts) for parts in zip(*q_layers, strict=True)]
+    tokens = np.concatenate(tokens)
+    facts = recall.fact_mask_for(tokens, num_values)
+    answer = recall.relevant_mask_for(tokens, num_values)
+    question = recall.question_mask_for(tokens, num_values)
+    result.update(
+        router_recall=router_recall(kv_by_layer[-1], facts),
+        router_recall_answer=router_recall(kv_by_layer[-1], answer),
+        question_recall=router_recall(q_by_layer[-1], question),
+        router_recall_by_layer=[router_recall(r, facts) for r in kv_by_layer],
+        question_recall_by_layer=[router_recall(r, question) for r in q_by_layer],
+        chance={"router_recall": kv_by_layer[-1].shape[1] / eval_length,
+                "question_recall": q_by_layer[-1].shape[1] / eval_length},
+    )
     result["_example"] = {
-        "tokens": np.concatenate(tokens)[0],
-        "relevant": relevant_mask[0],
-        "routed": [r[0] for r in per_layer],
+        "tokens": tokens[0],
+        "facts": facts[0],
+        "answer": answer[0],
+        "question": question[0],
+        "kv": [r[0] for r in kv_by_layer],
+        "q": [r[0] for r in q_by_layer],
     }
   return result
 
 
-def plot_routing(example: Mapping[str, Any], path: epath.Path, title: str) -> None:
-  """One document as a strip of tokens: its facts, the answer, each layer's routed tokens."""
+def _plt():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  tokens = np.asarray(example["tokens"])
-  length = int((tokens > 0).sum())
-  facts = synthetic.fact_mask_for(tokens)[:length]
-  relevant = np.asarray(example["relevant"])[:length]
-  rows = [("all facts", facts), ("answer's fact", relevant)]
-  for layer, routed in enumerate(example["routed"]):
-    selected = np.zeros(length)
-    selected[routed[routed < length]] = 1
-    rows.append((f"layer {layer} routed k/v", selected))
+  return matplotlib, plt
+
+
+def plot_routing(example: Mapping[str, Any], path: epath.Path, title: str) -> None:
+  """One input as strips of tokens: facts, answer, question, each layer's routed tokens."""
+  matplotlib, plt = _plt()
+  length = int((np.asarray(example["tokens"]) > 0).sum())
+  rows = [
+      ("facts", example["facts"], "tab:orange"),
+      ("answer's fact", example["answer"], "tab:red"),
+      ("question's key", example["question"], "tab:green"),
+  ]
+  for layer, (kv, q) in enumerate(zip(example["kv"], example["q"], strict=True)):
+    for label, routed in ((f"layer {layer} routed k/v", kv), (f"layer {layer} routed q", q)):
+      selected = np.zeros(length)
+      selected[routed[routed < length]] = 1
+      rows.append((label, selected, "tab:blue"))
+  marked = np.flatnonzero((np.asarray(example["facts"]) | np.asarray(example["question"]))[:length])
   fig, axes = plt.subplots(len(rows), 1, figsize=(14, 0.6 * len(rows) + 1.2), sharex=True)
-  colors = ["tab:orange", "tab:red"] + ["tab:blue"] * (len(rows) - 2)
-  for ax, (label, row), color in zip(axes, rows, colors, strict=True):
-    ax.imshow(row[None, :], aspect="auto", cmap=matplotlib.colors.ListedColormap(["white", color]),
-              interpolation="nearest", vmin=0, vmax=1)
+  for ax, (label, row, color) in zip(axes, rows, strict=True):
+    ax.imshow(np.asarray(row)[None, :length], aspect="auto", interpolation="nearest",
+              cmap=matplotlib.colors.ListedColormap(["white", color]), vmin=0, vmax=1)
     ax.set_yticks([0], [label])
-    for position in np.flatnonzero(relevant):
-      ax.axvline(position, color="tab:red", alpha=0.08, linewidth=1)
+    for position in marked:  # Single tokens are thinner than a pixel: mark them.
+      ax.axvline(position, color="tab:gray", alpha=0.25, linewidth=1)
   axes[-1].set_xlabel("token position")
   fig.suptitle(title)
   fig.tight_layout()
+  _save(fig, path)
+  plt.close(fig)
+
+
+def _save(fig, path: epath.Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
+
+
+def learning_curves(model_dir: epath.Path) -> dict[str, list]:
+  """Loss (train log) and exact match at each stage's length (eval log) by step."""
+  curves: dict[str, list] = {"loss": [], "exact_match": []}
+  train_log, eval_log = model_dir / "train_metrics.jsonl", model_dir / "eval_metrics.jsonl"
+  for _, record in jsonl.read(train_log) if train_log.exists() else ():
+    curves["loss"].append((record["step"], record["loss"]))
+  for _, record in jsonl.read(eval_log) if eval_log.exists() else ():
+    for name, value in record.items():
+      if name.endswith("/exact_match"):
+        curves["exact_match"].append((record["step"], value / 100.0 if value > 1.0 else value))
+  return curves
+
+
+def plot_learning(runs: Mapping[str, Mapping[str, list]], path: epath.Path, title: str) -> None:
+  """Loss and exact match (at each stage's training length) against steps, per model."""
+  _, plt = _plt()
+  fig, (loss_ax, match_ax) = plt.subplots(1, 2, figsize=(12, 4))
+  for name, curves in runs.items():
+    for ax, key in ((loss_ax, "loss"), (match_ax, "exact_match")):
+      if curves[key]:
+        steps, values = zip(*curves[key], strict=True)
+        ax.plot(steps, values, label=name, marker="o" if key == "exact_match" else None)
+  loss_ax.set(xlabel="step", ylabel="training loss", yscale="log")
+  match_ax.set(xlabel="step", ylabel="held-out exact match (training length)", ylim=(0, 1))
+  for ax in (loss_ax, match_ax):
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -195,15 +311,30 @@ def _checkpointed_step(model_dir: epath.Path) -> int:
     return 0
 
 
-def _train_and_score(gin_files, bindings) -> tuple[dict[str, Any], float]:
-  _configure(gin_files, bindings)
-  train_fn = _configured(train_lib.train)
+def train_curriculum(
+    gin_files: Sequence[str], model_dir: epath.Path, user_bindings: Sequence[str]
+) -> tuple[dict[str, Any], float]:
+  """Trains every stage in `model_dir`, then scores; returns (score, training seconds)."""
+  base = [f"MODEL_DIR = '{model_dir}'", *user_bindings]
+  _configure(gin_files, base)
+  stages = _configured(curriculum)()
+  total_steps = stages[-1].last_step
+  seconds = 0.0
+  for stage in stages:
+    _configure(gin_files, [
+        *base, *stage.bindings, f"TRAIN_STEPS = {stage.last_step}",
+        f"SCHEDULE_STEPS = {total_steps}", f"DEMO_INPUT_LENGTH = {stage.input_length}",
+        f"BATCH_SIZE = {stage.batch_size}",
+    ])
+    train_fn = _configured(train_lib.train)
+    gin.finalize()
+    logging.info("Curriculum stage to step %d: %s", stage.last_step, stage)
+    start = time.time()
+    train_fn()  # Returns the final state; the next stage restores the checkpoint.
+    seconds += time.time() - start
+  _configure(gin_files, base)
   score_fn = _configured(score)
   gin.finalize()
-  start = time.time()
-  state = train_fn()
-  seconds = time.time() - start
-  del state
   return score_fn(), seconds
 
 
@@ -215,61 +346,77 @@ def main(argv: Sequence[str]) -> None:
   gin_files = list(FLAGS.gin_file or DEMO_GIN_FILES)
 
   resumed_from = _checkpointed_step(model_dir)
-  colt5, colt5_seconds = _train_and_score(
-      gin_files, [f"MODEL_DIR = '{model_dir}'", *user_bindings]
-  )
-  steps = colt5["step"]
+  colt5, colt5_seconds = train_curriculum(gin_files, model_dir, user_bindings)
+  steps = colt5.pop("step")
+  example = colt5.pop("_example", None)
   summary: dict[str, Any] = {
-      "accuracy": colt5["accuracy"],
-      "router_recall": colt5.get("router_recall"),
-      "router_recall_by_layer": colt5.get("router_recall_by_layer"),
       "steps": steps,
+      **colt5,
       "train_seconds": round(colt5_seconds, 1),
       "steps_this_run": steps - resumed_from,
   }
-  example = colt5.pop("_example", None)
-  if example is not None:
-    plot_routing(
-        example,
-        model_dir / "routing.png",
-        f"CoLT5-tiny after {steps} steps: router recall {summary['router_recall']:.2f}",
+  runs = {"CoLT5-tiny": learning_curves(model_dir)}
+  if FLAGS.baseline:
+    light_dir = model_dir / "light_only"
+    light, light_seconds = train_curriculum(
+        [*gin_files, BASELINE_GIN_FILE], light_dir, user_bindings
     )
-
-  remaining = FLAGS.time_budget_s - colt5_seconds
-  # The light-only model is cheaper per step; train it when about as much time is left.
-  if FLAGS.baseline and remaining > 0.5 * colt5_seconds:
-    light, light_seconds = _train_and_score(
-        [*gin_files, BASELINE_GIN_FILE],
-        [f"MODEL_DIR = '{model_dir / 'light_only'}'", *user_bindings],
-    )
+    light.pop("_example", None)
     summary["baseline"] = {
         "name": "light branch only (no heavy attention or feedforward)",
         "accuracy": light["accuracy"],
         "steps": light["step"],
         "train_seconds": round(light_seconds, 1),
     }
-  elif FLAGS.baseline:
-    summary["baseline"] = {"skipped": f"{remaining:.0f}s of the time budget left"}
+    runs["light branch only"] = learning_curves(light_dir)
+  summary["chance_accuracy"] = 1.0 / _num_values(gin_files, model_dir, user_bindings)
+  summary["learning_curves"] = runs
 
+  if example is not None:
+    plot_routing(
+        example, model_dir / "routing.png",
+        f"CoLT5-tiny after {steps} steps, one held-out input: last layer's k/v router recall "
+        f"{summary['router_recall']:.2f} (all inputs), question routed "
+        f"{summary['question_recall']:.2f}",
+    )
+  plot_learning(runs, model_dir / "learning.png", "The demo's curriculum (docs/learning.md)")
   (model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  print(_report(summary, model_dir, resumed_from), flush=True)
+  logging.info("Demo summary: %s", {k: v for k, v in summary.items() if k != "learning_curves"})
+
+
+def _num_values(gin_files, model_dir, user_bindings) -> int:
+  _configure(gin_files, [f"MODEL_DIR = '{model_dir}'", *user_bindings])
+  return int(gin.query_parameter("%DEMO_NUM_VALUES"))
+
+
+def _report(summary: Mapping[str, Any], model_dir: epath.Path, resumed_from: int) -> str:
+  steps = summary["steps"]
   lines = [
       "",
       f"CoLT5-tiny, {steps} steps in {summary['train_seconds']:.0f}s of training"
       if not resumed_from else
       f"CoLT5-tiny, {steps} steps (resumed at step {resumed_from}; "
       f"{summary['steps_this_run']} trained in this run, {summary['train_seconds']:.0f}s)",
-      f"  held-out exact match: {summary['accuracy']:.3f}",
+      f"  held-out exact match at {summary['eval_length']} tokens: {summary['accuracy']:.3f} "
+      f"(chance {summary['chance_accuracy']:.3f})",
   ]
-  if summary["router_recall"] is not None:
-    lines.append(f"  router recall (last layer's k/v router): {summary['router_recall']:.3f}")
+  if summary.get("router_recall") is not None:
+    chance = summary["chance"]
+    lines += [
+        f"  last layer's k/v router selects {summary['router_recall']:.3f} of the fact tokens "
+        f"({summary['router_recall_answer']:.3f} of the answer's; chance "
+        f"{chance['router_recall']:.3f})",
+        f"  its query router selects the question's key in {summary['question_recall']:.3f} of "
+        f"inputs (chance {chance['question_recall']:.3f})",
+    ]
   baseline = summary.get("baseline", {})
   if "accuracy" in baseline:
-    lines.append(f"Light branch only, {baseline['steps']} steps: "
-                 f"exact match {baseline['accuracy']:.3f}")
-  lines.append(f"Results: {model_dir / 'summary.json'}, {model_dir / 'routing.png'}; "
+    lines.append(f"Light branch only, {baseline['steps']} steps: exact match "
+                 f"{baseline['accuracy']:.3f}")
+  lines.append(f"Results: {model_dir / 'summary.json'}, routing.png, learning.png; "
                f"tensorboard --logdir={model_dir}")
-  print("\n".join(lines), flush=True)
-  logging.info("Demo summary: %s", summary)
+  return "\n".join(lines)
 
 
 def console_entry_point() -> None:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,8 @@ import seqio
 
 from colt5_flax import demo, gin_utils
 from colt5_flax import train as train_lib
-from colt5_flax.data import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-FACT = re.compile(r"\[([A-Z]+):([A-Z0-9]+)\]")
 
 
 def test_router_recall_by_hand():
@@ -41,15 +38,14 @@ def test_routed_indices_by_layer_reads_plain_and_scanned_stacks():
 
 
 @pytest.mark.parametrize(
-    "bindings, num_facts, key_length, value_length, input_length",
+    "bindings, num_facts, num_values, input_length",
     [
-        ([], 4, 3, 3, 2048),  # demo.gin's defaults
-        (["DEMO_NUM_FACTS = 2", "DEMO_KEY_LENGTH = 1", "DEMO_VALUE_LENGTH = 1",
-          "DEMO_INPUT_LENGTH = 1024"], 2, 1, 1, 1024),
+        ([], 4, 8, 2048),  # demo.gin's defaults
+        (["DEMO_NUM_FACTS = 3", "DEMO_NUM_VALUES = 5", "DEMO_INPUT_LENGTH = 512"], 3, 5, 512),
     ],
 )
 def test_demo_task_knobs_reach_the_task_and_the_lengths(
-    bindings, num_facts, key_length, value_length, input_length
+    bindings, num_facts, num_values, input_length
 ):
   gin.clear_config()
   try:
@@ -58,20 +54,35 @@ def test_demo_task_knobs_reach_the_task_and_the_lengths(
         ["MODEL_DIR = '/tmp/unused'", *bindings],
     )
     kwargs = gin.get_bindings(train_lib.train)  # references evaluated: registers the task
-    lengths = kwargs["task_feature_lengths"]
-    assert lengths == {"inputs": input_length, "targets": value_length + 1}
+    assert kwargs["task_feature_lengths"] == {"inputs": input_length, "targets": 2}
     task = seqio.get_mixture_or_task(kwargs["mixture_or_task_name"])
     dataset = task.get_dataset(None, split="validation", shuffle=False)
     for example in dataset.take(3).as_numpy_iterator():
-      text = bytes((example["inputs"][:-1] - 3).astype(np.uint8)).decode("ascii")  # ids, EOS
-      facts = FACT.findall(text)
-      assert len(text) == input_length - 1 and len(facts) == num_facts
-      assert {len(key) for key, _ in facts} == {key_length}
-      assert {len(value) for _, value in facts} == {value_length}
-      assert len(example["targets"]) == value_length + 1
+      document = example["inputs"][:-1] - 3  # ids -> bytes, EOS dropped
+      facts = document[document >= 0x80] - 0x80
+      assert len(document) == input_length - 1 and len(facts) == num_facts
+      key = document[-1] - ord("A")
+      (value,) = facts[facts // num_values == key] % num_values
+      assert example["targets"].tolist() == [ord("0") + value + 3, 1]
   finally:
     gin.clear_config()
-    synthetic.register_demo_task()  # Other tests see the default demo task again.
+
+
+def test_curriculum_stages_end_at_their_share_of_train_steps():
+  stages = demo.curriculum(
+      2500, [(0.6, 64, 32, ("ROUTED_FRACTION = 1.0",)), (1.0, 128, 16, ())]
+  )
+  assert [(s.last_step, s.input_length, s.batch_size) for s in stages] == [
+      (1500, 64, 32), (2500, 128, 16)
+  ]
+  assert stages[0].bindings == ("ROUTED_FRACTION = 1.0",)
+  # Few steps: every stage still trains at least one step, the last ends at TRAIN_STEPS.
+  assert [s.last_step for s in demo.curriculum(3, [(0.1, 8, 1, ()), (0.2, 8, 1, ()),
+                                                   (1.0, 8, 1, ())])] == [1, 2, 3]
+  with pytest.raises(ValueError, match="must increase"):
+    demo.curriculum(10, [(0.5, 8, 1, ()), (0.9, 8, 1, ())])
+  with pytest.raises(ValueError, match="fewer than"):
+    demo.curriculum(1, [(0.5, 8, 1, ()), (1.0, 8, 1, ())])
 
 
 @pytest.mark.slow
@@ -81,26 +92,37 @@ def test_demo_end_to_end(tmp_path):
   command = [
       sys.executable, "-m", "colt5_flax.demo",
       f"--model_dir={model_dir}",
-      "--time_budget_s=100000",  # Always train the light-only baseline too.
-      "--gin.DEMO_INPUT_LENGTH=1024",
-      "--gin.TRAIN_STEPS=2",
+      "--gin.TRAIN_STEPS=2",  # One step per curriculum stage.
       "--gin.WARMUP_STEPS=1",
-      "--gin.BATCH_SIZE=2",
-      "--gin.EVAL_PERIOD=0",
+      "--gin.EVAL_PERIOD=1",
       "--gin.CHECKPOINT_PERIOD=2",
       "--gin.EVAL_NUM_EXAMPLES=4",
+      "--gin.DEMO_EVAL_LENGTH=256",
+      "--gin.DEMO_EVAL_BATCH_SIZE=2",
   ]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   summary = json.loads((model_dir / "summary.json").read_text())
   assert summary["steps"] == 2 and summary["steps_this_run"] == 2
-  assert 0.0 <= summary["accuracy"] <= 1.0
+  assert summary["eval_length"] == 256 and summary["chance_accuracy"] == 1 / 8
+  # 4 examples: each fraction is a multiple of 1/4 (of fact tokens: 1/16).
+  assert summary["accuracy"] * 4 == round(summary["accuracy"] * 4)
+  assert summary["question_recall"] * 4 == round(summary["question_recall"] * 4)
   assert 0.0 <= summary["router_recall"] <= 1.0
   assert len(summary["router_recall_by_layer"]) == 2
+  assert summary["router_recall_by_layer"][-1] == summary["router_recall"]
+  # The routers' real capacity at 256 tokens: m = 16 queries, 2m = 32 keys/values.
+  assert summary["chance"] == {"router_recall": 32 / 256, "question_recall": 16 / 256}
   assert summary["baseline"]["steps"] == 2 and 0.0 <= summary["baseline"]["accuracy"] <= 1.0
-  png = (model_dir / "routing.png").read_bytes()
-  assert png.startswith(b"\x89PNG")
+  # One training-loss point per step and one evaluation per step, at each stage's length.
+  curves = summary["learning_curves"]
+  assert [step for step, _ in curves["CoLT5-tiny"]["loss"]] == [1, 2]
+  assert [step for step, _ in curves["light branch only"]["exact_match"]] == [1, 2]
+  eval_log = (model_dir / "eval_metrics.jsonl").read_text()
+  assert "associative_recall_demo_64/" in eval_log and "associative_recall_demo_128/" in eval_log
+  for name in ("routing.png", "learning.png"):
+    assert (model_dir / name).read_bytes().startswith(b"\x89PNG")
   assert (model_dir / "config.gin").exists() and (model_dir / "train_metrics.jsonl").exists()
   assert "held-out exact match" in result.stdout
 
