@@ -339,3 +339,19 @@ def _path_names(path) -> tuple[str, ...]:
     else:
       names.append(str(key))
   return tuple(names)
+
+
+def log_topology(partitioner: Partitioner, batch_size: int) -> None:
+  """What t5x users look for first: the mesh, the processes, and each host's rows."""
+  mesh = partitioner.mesh
+  local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  local_slices = partitioner.data_sharding.addressable_devices_indices_map((batch_size,))
+  local_rows = len({index[0].indices(batch_size) for index in local_slices.values()}) * (
+      batch_size // partitioner.data_parallel_size
+  )
+  logging.info(
+      "Mesh %s over %d %s devices, %d process(es) (this is process %d, %d local devices); "
+      "global batch %d, %d rows per host",
+      dict(mesh.shape), mesh.devices.size, mesh.devices.flat[0].platform,
+      jax.process_count(), jax.process_index(), len(local_devices), batch_size, local_rows,
+  )

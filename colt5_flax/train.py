@@ -275,7 +275,7 @@ def train(
   )
   trainer.abstract_state  # noqa: B018 -- parameter shardings checked (shapes only)
   gin_utils.check_ablations_apply()  # the model is built: gin knows what it read
-  _log_topology(partitioner, batch_size)
+  partitioning.log_topology(partitioner, batch_size)
 
   is_chief = jax.process_index() == 0
   model_path = epath.Path(model_dir)
@@ -449,22 +449,6 @@ def train(
       eval_writer.close()
 
 
-def _log_topology(partitioner: partitioning.Partitioner, batch_size: int) -> None:
-  """What t5x users look for first: the mesh, the processes, and each host's rows."""
-  mesh = partitioner.mesh
-  local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  local_slices = partitioner.data_sharding.addressable_devices_indices_map((batch_size,))
-  local_rows = len({index[0].indices(batch_size) for index in local_slices.values()}) * (
-      batch_size // partitioner.data_parallel_size
-  )
-  logging.info(
-      "Mesh %s over %d %s devices, %d process(es) (this is process %d, %d local devices); "
-      "global batch %d, %d rows per host",
-      dict(mesh.shape), mesh.devices.size, mesh.devices.flat[0].platform,
-      jax.process_count(), jax.process_index(), len(local_devices), batch_size, local_rows,
-  )
-
-
 def _summarize(window: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
   """Means over the logged window of steps (num_tokens: mean per step)."""
   host = jax.device_get(list(window))
@@ -474,12 +458,7 @@ def _summarize(window: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
 def _data_changed(
     data_position, mixture_or_task_name, task_feature_lengths, batch_size, seed
 ) -> bool:
-  """Whether the checkpoint's data position belongs to another data stream.
-
-  A resumed run continues its stream after the batches it consumed. A run that resumes
-  with another task, lengths, batch size or seed (a curriculum's next stage, a changed
-  configuration) reads a different stream, so it starts that stream at its beginning.
-  """
+  """Whether the checkpoint's data position belongs to another stream (module doc)."""
   now = {
       "mixture_or_task_name": mixture_or_task_name,
       "task_feature_lengths": dict(task_feature_lengths),
