@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from colt5_flax import checkpoints, gin_utils, inference, jsonl
+from colt5_flax import checkpoints, demo_checkpoints, demo_report, gin_utils, inference
 from colt5_flax import train as train_lib
 from colt5_flax.data import recall
 
@@ -51,6 +51,15 @@ def _define_flags() -> None:
   flags.DEFINE_string("model_dir", "runs/demo", "Where the demo writes its runs and results.")
   flags.DEFINE_bool(
       "baseline", True, "Also train the light-only model (no heavy branch) for comparison."
+  )
+  flags.DEFINE_string(
+      "shipped_checkpoints", str(demo_checkpoints.SHIPPED_DIR),
+      "Score the checkpoints shipped here (demo_checkpoints/) before training; '' skips.",
+  )
+  flags.DEFINE_string(
+      "export_checkpoints", None,
+      "After training, write both models' parameters and metadata here (how the shipped "
+      "checkpoints were made: docs/demo.md).",
   )
 
 
@@ -156,11 +165,13 @@ def score(
     checkpoint_path: str,
     num_examples: int = 128,
     num_values: int = 8,
+    keep_params: bool = False,
 ) -> dict[str, Any]:
   """Held-out exact match and router recalls of the checkpoint in `checkpoint_path`.
 
   Scores the demo task at `eval_length` tokens (`recall.register_demo_task` with the
-  gin-bound knobs). Gin: `demo_script.score.*` (configs/runs/demo.gin).
+  gin-bound knobs). Gin: `demo_script.score.*` (configs/runs/demo.gin). With
+  `keep_params`, the restored parameters come back as `_params`.
   """
   task_name = _configured(recall.register_demo_task)(input_length=eval_length)
   lengths = recall.feature_lengths(eval_length)
@@ -177,6 +188,8 @@ def score(
       "eval_length": eval_length,
       "accuracy": accuracy / 100.0 if accuracy > 1.0 else accuracy,
   }
+  if keep_params:
+    result["_params"] = params
 
   examples = inference.load_examples(
       inference.tasks_with_split(task_name, "validation")[0], "validation", lengths,
@@ -226,83 +239,6 @@ def score(
   return result
 
 
-def _plt():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return matplotlib, plt
-
-
-def plot_routing(example: Mapping[str, Any], path: epath.Path, title: str) -> None:
-  """One input as strips of tokens: facts, answer, question, each layer's routed tokens."""
-  matplotlib, plt = _plt()
-  length = int((np.asarray(example["tokens"]) > 0).sum())
-  rows = [
-      ("facts", example["facts"], "tab:orange"),
-      ("answer's fact", example["answer"], "tab:red"),
-      ("question's key", example["question"], "tab:green"),
-  ]
-  for layer, (kv, q) in enumerate(zip(example["kv"], example["q"], strict=True)):
-    for label, routed in ((f"layer {layer} routed k/v", kv), (f"layer {layer} routed q", q)):
-      selected = np.zeros(length)
-      selected[routed[routed < length]] = 1
-      rows.append((label, selected, "tab:blue"))
-  marked = np.flatnonzero((np.asarray(example["facts"]) | np.asarray(example["question"]))[:length])
-  fig, axes = plt.subplots(len(rows), 1, figsize=(14, 0.6 * len(rows) + 1.2), sharex=True)
-  for ax, (label, row, color) in zip(axes, rows, strict=True):
-    ax.imshow(np.asarray(row)[None, :length], aspect="auto", interpolation="nearest",
-              cmap=matplotlib.colors.ListedColormap(["white", color]), vmin=0, vmax=1)
-    ax.set_yticks([0], [label])
-    for position in marked:  # Single tokens are thinner than a pixel: mark them.
-      ax.axvline(position, color="tab:gray", alpha=0.25, linewidth=1)
-  axes[-1].set_xlabel("token position")
-  fig.suptitle(title)
-  fig.tight_layout()
-  _save(fig, path)
-  plt.close(fig)
-
-
-def _save(fig, path: epath.Path) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    fig.savefig(f, format="png", dpi=120)
-
-
-def learning_curves(model_dir: epath.Path) -> dict[str, list]:
-  """Loss (train log) and exact match at each stage's length (eval log) by step."""
-  curves: dict[str, list] = {"loss": [], "exact_match": []}
-  train_log, eval_log = model_dir / "train_metrics.jsonl", model_dir / "eval_metrics.jsonl"
-  for _, record in jsonl.read(train_log) if train_log.exists() else ():
-    curves["loss"].append((record["step"], record["loss"]))
-  for _, record in jsonl.read(eval_log) if eval_log.exists() else ():
-    for name, value in record.items():
-      if name.endswith("/exact_match"):
-        curves["exact_match"].append((record["step"], value / 100.0 if value > 1.0 else value))
-  return curves
-
-
-def plot_learning(runs: Mapping[str, Mapping[str, list]], path: epath.Path, title: str) -> None:
-  """Loss and exact match (at each stage's training length) against steps, per model."""
-  _, plt = _plt()
-  fig, (loss_ax, match_ax) = plt.subplots(1, 2, figsize=(12, 4))
-  for name, curves in runs.items():
-    for ax, key in ((loss_ax, "loss"), (match_ax, "exact_match")):
-      if curves[key]:
-        steps, values = zip(*curves[key], strict=True)
-        ax.plot(steps, values, label=name, marker="o" if key == "exact_match" else None)
-  loss_ax.set(xlabel="step", ylabel="training loss", yscale="log")
-  match_ax.set(xlabel="step", ylabel="held-out exact match (training length)", ylim=(0, 1))
-  for ax in (loss_ax, match_ax):
-    ax.legend()
-    ax.grid(alpha=0.3)
-  fig.suptitle(title)
-  fig.tight_layout()
-  _save(fig, path)
-  plt.close(fig)
-
-
 def _checkpointed_step(model_dir: epath.Path) -> int:
   """The step of the latest checkpoint in `model_dir` (0 when there is none)."""
   try:
@@ -311,8 +247,20 @@ def _checkpointed_step(model_dir: epath.Path) -> int:
     return 0
 
 
+def score_checkpoint(
+    gin_files: Sequence[str], checkpoint: epath.Path, user_bindings: Sequence[str],
+    **kwargs,
+) -> dict[str, Any]:
+  """`score` of the model the gin files build, with the parameters in `checkpoint`."""
+  _configure(gin_files, [f"MODEL_DIR = '{checkpoint}'", *user_bindings])
+  score_fn = _configured(score)
+  gin.finalize()
+  return score_fn(**kwargs)
+
+
 def train_curriculum(
-    gin_files: Sequence[str], model_dir: epath.Path, user_bindings: Sequence[str]
+    gin_files: Sequence[str], model_dir: epath.Path, user_bindings: Sequence[str],
+    *, keep_params: bool = False,
 ) -> tuple[dict[str, Any], float]:
   """Trains every stage in `model_dir`, then scores; returns (score, training seconds)."""
   base = [f"MODEL_DIR = '{model_dir}'", *user_bindings]
@@ -332,10 +280,30 @@ def train_curriculum(
     start = time.time()
     train_fn()  # Returns the final state; the next stage restores the checkpoint.
     seconds += time.time() - start
-  _configure(gin_files, base)
-  score_fn = _configured(score)
-  gin.finalize()
-  return score_fn(), seconds
+  return score_checkpoint(gin_files, model_dir, user_bindings, keep_params=keep_params), seconds
+
+
+SHIPPED_MODELS = {"colt5_tiny": (), "light_only": (BASELINE_GIN_FILE,)}
+
+
+def score_shipped(
+    root: epath.Path, gin_files: Sequence[str], user_bindings: Sequence[str]
+) -> dict[str, Any]:
+  """Scores each shipped checkpoint under `root` that exists; {name: scores + metadata}."""
+  results = {}
+  for name, extra_files in SHIPPED_MODELS.items():
+    directory = root / name
+    if not directory.exists():
+      logging.warning("No shipped checkpoint %s: skipped", directory)
+      continue
+    metadata = demo_checkpoints.read_metadata(directory)
+    result = score_checkpoint(
+        [*gin_files, *extra_files], directory / demo_checkpoints.PARAMS_DIR, user_bindings
+    )
+    result.pop("step")
+    keep = ("steps", "train_seconds", "machine", "date", "command", "git_commit")
+    results[name] = {**result, "trained": {k: metadata.get(k) for k in keep}}
+  return results
 
 
 def main(argv: Sequence[str]) -> None:
@@ -344,9 +312,25 @@ def main(argv: Sequence[str]) -> None:
   model_dir = epath.Path(os.path.abspath(FLAGS.model_dir))
   user_bindings = list(FLAGS.gin_bindings)
   gin_files = list(FLAGS.gin_file or DEMO_GIN_FILES)
+  export_dir = None
+  if FLAGS.export_checkpoints:
+    export_dir = epath.Path(os.path.abspath(FLAGS.export_checkpoints))
 
+  # 1. The shipped checkpoints (trained longer than a demo's budget allows: docs/demo.md).
+  shipped = {}
+  if FLAGS.shipped_checkpoints and export_dir is None:
+    if list(gin_files) == list(DEMO_GIN_FILES):
+      shipped = score_shipped(epath.Path(FLAGS.shipped_checkpoints), gin_files, user_bindings)
+    else:
+      logging.warning("Other gin files than %s: the shipped checkpoints are not scored",
+                      DEMO_GIN_FILES)
+
+  # 2. Live training: the curriculum from scratch (or resumed), both models.
   resumed_from = _checkpointed_step(model_dir)
-  colt5, colt5_seconds = train_curriculum(gin_files, model_dir, user_bindings)
+  colt5, colt5_seconds = train_curriculum(
+      gin_files, model_dir, user_bindings, keep_params=export_dir is not None
+  )
+  colt5_params = colt5.pop("_params", None)
   steps = colt5.pop("step")
   example = colt5.pop("_example", None)
   summary: dict[str, Any] = {
@@ -355,12 +339,15 @@ def main(argv: Sequence[str]) -> None:
       "train_seconds": round(colt5_seconds, 1),
       "steps_this_run": steps - resumed_from,
   }
-  runs = {"CoLT5-tiny": learning_curves(model_dir)}
+  runs = {"CoLT5-tiny": demo_report.learning_curves(model_dir)}
+  light_params = None
   if FLAGS.baseline:
     light_dir = model_dir / "light_only"
     light, light_seconds = train_curriculum(
-        [*gin_files, BASELINE_GIN_FILE], light_dir, user_bindings
+        [*gin_files, BASELINE_GIN_FILE], light_dir, user_bindings,
+        keep_params=export_dir is not None,
     )
+    light_params = light.pop("_params", None)
     light.pop("_example", None)
     summary["baseline"] = {
         "name": "light branch only (no heavy attention or feedforward)",
@@ -368,55 +355,56 @@ def main(argv: Sequence[str]) -> None:
         "steps": light["step"],
         "train_seconds": round(light_seconds, 1),
     }
-    runs["light branch only"] = learning_curves(light_dir)
+    runs["light branch only"] = demo_report.learning_curves(light_dir)
   summary["chance_accuracy"] = 1.0 / _num_values(gin_files, model_dir, user_bindings)
+  if shipped:
+    shipped_example = shipped.get("colt5_tiny", {}).pop("_example", None)
+    example, title = shipped_example or example, "the shipped CoLT5-tiny"
+    summary["shipped"] = shipped
+  else:
+    title = f"CoLT5-tiny after {steps} steps"
   summary["learning_curves"] = runs
 
   if example is not None:
-    plot_routing(
+    scores = summary["shipped"]["colt5_tiny"] if shipped else summary
+    demo_report.plot_routing(
         example, model_dir / "routing.png",
-        f"CoLT5-tiny after {steps} steps, one held-out input: last layer's k/v router recall "
-        f"{summary['router_recall']:.2f} (all inputs), question routed "
-        f"{summary['question_recall']:.2f}",
+        f"{title}, one held-out input: last layer's k/v router recall "
+        f"{scores['router_recall']:.2f} (all inputs), question routed "
+        f"{scores['question_recall']:.2f}",
     )
-  plot_learning(runs, model_dir / "learning.png", "The demo's curriculum (docs/learning.md)")
+  demo_report.plot_learning(
+      runs, model_dir / "learning.png", "The demo's curriculum (docs/demo.md)"
+  )
   (model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  print(_report(summary, model_dir, resumed_from), flush=True)
+  if export_dir is not None:
+    _export(export_dir, model_dir, gin_files, summary, colt5_params, light_params)
+  print(demo_report.report(summary, model_dir, resumed_from), flush=True)
   logging.info("Demo summary: %s", {k: v for k, v in summary.items() if k != "learning_curves"})
+
+
+def _export(export_dir, model_dir, gin_files, summary, colt5_params, light_params) -> None:
+  colt5_scores = {k: v for k, v in summary.items()
+                  if k not in ("baseline", "learning_curves", "shipped", "steps_this_run")}
+  demo_checkpoints.export(
+      export_dir / "colt5_tiny", params=colt5_params, model_dir=model_dir,
+      gin_files=gin_files, steps=summary["steps"],
+      train_seconds=demo_report.training_seconds(model_dir), scores=colt5_scores,
+  )
+  if light_params is not None:
+    baseline = summary["baseline"]
+    demo_checkpoints.export(
+        export_dir / "light_only", params=light_params, model_dir=model_dir / "light_only",
+        gin_files=[*gin_files, BASELINE_GIN_FILE], steps=baseline["steps"],
+        train_seconds=demo_report.training_seconds(model_dir / "light_only"),
+        scores={"accuracy": baseline["accuracy"], "eval_length": summary["eval_length"]},
+    )
+  logging.info("Exported the checkpoints to %s", export_dir)
 
 
 def _num_values(gin_files, model_dir, user_bindings) -> int:
   _configure(gin_files, [f"MODEL_DIR = '{model_dir}'", *user_bindings])
   return int(gin.query_parameter("%DEMO_NUM_VALUES"))
-
-
-def _report(summary: Mapping[str, Any], model_dir: epath.Path, resumed_from: int) -> str:
-  steps = summary["steps"]
-  lines = [
-      "",
-      f"CoLT5-tiny, {steps} steps in {summary['train_seconds']:.0f}s of training"
-      if not resumed_from else
-      f"CoLT5-tiny, {steps} steps (resumed at step {resumed_from}; "
-      f"{summary['steps_this_run']} trained in this run, {summary['train_seconds']:.0f}s)",
-      f"  held-out exact match at {summary['eval_length']} tokens: {summary['accuracy']:.3f} "
-      f"(chance {summary['chance_accuracy']:.3f})",
-  ]
-  if summary.get("router_recall") is not None:
-    chance = summary["chance"]
-    lines += [
-        f"  last layer's k/v router selects {summary['router_recall']:.3f} of the fact tokens "
-        f"({summary['router_recall_answer']:.3f} of the answer's; chance "
-        f"{chance['router_recall']:.3f})",
-        f"  its query router selects the question's key in {summary['question_recall']:.3f} of "
-        f"inputs (chance {chance['question_recall']:.3f})",
-    ]
-  baseline = summary.get("baseline", {})
-  if "accuracy" in baseline:
-    lines.append(f"Light branch only, {baseline['steps']} steps: exact match "
-                 f"{baseline['accuracy']:.3f}")
-  lines.append(f"Results: {model_dir / 'summary.json'}, routing.png, learning.png; "
-               f"tensorboard --logdir={model_dir}")
-  return "\n".join(lines)
 
 
 def console_entry_point() -> None:

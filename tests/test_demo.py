@@ -99,6 +99,8 @@ def test_demo_end_to_end(tmp_path):
       "--gin.EVAL_NUM_EXAMPLES=4",
       "--gin.DEMO_EVAL_LENGTH=256",
       "--gin.DEMO_EVAL_BATCH_SIZE=2",
+      f"--export_checkpoints={tmp_path / 'export'}",
+      "--shipped_checkpoints=",
   ]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -126,10 +128,24 @@ def test_demo_end_to_end(tmp_path):
   assert (model_dir / "config.gin").exists() and (model_dir / "train_metrics.jsonl").exists()
   assert "held-out exact match" in result.stdout
 
-  # A second run resumes: nothing left to train, the results are rewritten.
-  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+  # The run exported its parameters as the shipped checkpoints are (demo_checkpoints.py).
+  exported = json.loads((tmp_path / "export" / "colt5_tiny" / "metadata.json").read_text())
+  assert exported["steps"] == 2 and exported["scores"]["accuracy"] == summary["accuracy"]
+  assert exported["num_params"] > 0 and "--gin.TRAIN_STEPS=2" in exported["command"]
+
+  # A second run resumes: nothing left to train, the results are rewritten; it scores the
+  # exported checkpoints as `make demo` scores the shipped ones, with the same results.
+  again_command = [arg for arg in command if not arg.startswith("--export_checkpoints")]
+  again_command[-1] = f"--shipped_checkpoints={tmp_path / 'export'}"
+  again = subprocess.run(again_command, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=900)
   assert again.returncode == 0, again.stderr[-4000:]
   again_summary = json.loads((model_dir / "summary.json").read_text())
   assert again_summary["steps"] == 2 and again_summary["steps_this_run"] == 0
   assert "resumed at step 2; 0 trained in this run" in again.stdout
+  shipped = again_summary["shipped"]
+  for name in ("accuracy", "router_recall", "question_recall"):
+    assert shipped["colt5_tiny"][name] == summary[name]
+  assert shipped["light_only"]["accuracy"] == summary["baseline"]["accuracy"]
+  assert shipped["colt5_tiny"]["trained"]["steps"] == 2
+  assert "Shipped colt5_tiny (2 steps" in again.stdout
