@@ -71,7 +71,7 @@ class SyntheticConfig:
     seed: the seed of the whole task.
     min_question_distance: the least number of tokens between the queried fact and the
       question (at least half the filler lies between them). Keep it above what the
-      light branch reaches (layers × local radius: 2 × 127 in the demo).
+      light branch reaches (layers × local radius).
   """
 
   input_length: int = DEFAULT_INPUT_LENGTH
@@ -360,41 +360,10 @@ def feature_lengths(
   return lengths
 
 
-DEMO_TASK_NAME = f"{DEFAULT_TASK_NAME}_demo"
-
-
-def register_demo_task(
-    *,
-    input_length: int = DEFAULT_INPUT_LENGTH,
-    num_facts: int = 4,
-    key_length: int = 3,
-    value_length: int = 3,
-    filler: str = "words",
-    min_question_distance: int = MIN_QUESTION_DISTANCE,
-) -> str:
-  """Registers (or replaces) the demo's task `synthetic_kv_retrieval_demo`; returns its name.
-
-  The defaults are the demo's: 2048 tokens, 4 facts, 3-letter keys and values, the
-  answer's fact beyond the light branch's reach. Gin: `MIXTURE_OR_TASK_NAME =
-  @synthetic.register_demo_task()` (configs/runs/demo.gin), so `--gin.DEMO_NUM_FACTS=2`
-  etc. change the task wherever its name is used (train, score, evaluate, infer);
-  registering again with the same knobs gives the same examples.
-  """
-  return register_synthetic_task(
-      DEMO_TASK_NAME,
-      input_length=input_length,
-      num_facts=num_facts,
-      key_length=key_length,
-      value_length=value_length,
-      filler=filler,
-      min_question_distance=min_question_distance,
-  ).name
-
-
 def register_default_tasks() -> list[str]:
-  """`synthetic_kv_retrieval` (2048 tokens), `synthetic_kv_retrieval_<length>`, and the
-  demo's `synthetic_kv_retrieval_demo` (`register_demo_task`'s defaults)."""
-  names = [register_synthetic_task().name, register_demo_task()]
+  """`synthetic_kv_retrieval` (2048 tokens) and `synthetic_kv_retrieval_<length>` (the
+  demo's task is `recall.py`'s)."""
+  names = [register_synthetic_task().name]
   for length in REGISTERED_LENGTHS:
     names.append(
         register_synthetic_task(f"{DEFAULT_TASK_NAME}_{length}", input_length=length).name

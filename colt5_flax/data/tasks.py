@@ -2,9 +2,11 @@
 
 Gin files import it (`import colt5_flax.data.tasks`) and then name tasks by string:
 
-- synthetic (byte vocabulary, no files; the demo's and the tests' task):
+- synthetic (byte vocabulary, no files; the tests' and benchmarks' task):
   `synthetic_kv_retrieval` (2048 tokens) and `synthetic_kv_retrieval_<length>` for
   lengths 1024 ... 65536 (`synthetic.register_synthetic_task` makes others);
+- the demo's associative recall (byte vocabulary, no files): `associative_recall_demo_2048`
+  (`recall.register_demo_task` makes other lengths);
 - SCROLLS via TFDS `scrolls/<config>:1.0.0`: `scrolls_<task>` (T5 SentencePiece),
   `scrolls_<task>_byte` (bytes); mixtures `scrolls`, `scrolls_byte`;
 - SCROLLS from the official files in $SCROLLS_DATA_DIR: `scrolls_<task>_local`,
@@ -24,7 +26,7 @@ from collections.abc import Mapping
 
 import seqio
 
-from colt5_flax.data import pegasus, scrolls, synthetic, ul2, vocabularies
+from colt5_flax.data import pegasus, recall, scrolls, synthetic, ul2, vocabularies
 
 _DEFAULT_TASKS: list[str] = []
 
@@ -32,6 +34,7 @@ _DEFAULT_TASKS: list[str] = []
 def register_default_tasks() -> list[str]:
   """Registers (or re-registers) every default task and mixture; returns their names."""
   names = synthetic.register_default_tasks()
+  names.append(recall.register_demo_task())
   byte_vocabulary = vocabularies.byte_vocabulary()
   names += scrolls.register_scrolls_tasks()
   names.append("scrolls")
