@@ -5,7 +5,8 @@ for the embeddings, every residual branch, the MLP's hidden activations and the 
 final output; attention-weight dropout shares one mask per (example, head, key) over the
 queries; only the encoder's final dropout is elementwise. Each test reads the masks off
 the activations: with a mask shared along an axis, an entry is dropped at every position
-of that axis or at none, and the kept entries are scaled by 1/(1 − rate).
+of that axis or at none, and the kept entries are scaled by 1/(1 − rate). The whole
+network is T5.1.1's model file (configs/models/t5_1_1_tiny.gin) at smaller sizes.
 """
 
 import functools
@@ -14,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colt5_flax import network
+from colt5_flax import model_files
 from colt5_flax.layers import attention
 from colt5_flax.layers.mlp import GatedMlp
 from tests import tolerances
 
 RATE = 0.5
+VOCAB = 40
 
 
 def _dropped_along(dropped, kept, axis):
@@ -80,26 +82,23 @@ def test_attention_weight_dropout_is_shared_over_the_queries():
   assert 0.3 < _dropped_along(dropped, kept, axis=1) < 0.7  # shared over the queries
 
 
+def _t5_network():
+  """The `EncoderDecoder` of configs/models/t5_1_1_tiny.gin at the test's sizes (one layer
+  each, 2 heads of 8, MLP 32) with every dropout rate RATE, as `model_files` builds it."""
+  bindings = {
+      "VOCAB_SIZE": VOCAB, "EMBED_DIM": 16, "NUM_HEADS": 2, "HEAD_DIM": 8, "MLP_DIM": 32,
+      "NUM_ENCODER_LAYERS": 1, "NUM_DECODER_LAYERS": 1, "DROPOUT_RATE": RATE,
+  }
+  model_file = model_files.model_file("t5", "tiny")
+  with model_files.parsed([model_file], [f"{k} = {v!r}" for k, v in bindings.items()]):
+    return model_files.frozen("ARCHITECTURE")
+
+
 def test_network_dropout_sites_follow_t5x():
-  vocab, embed = 40, 16
-  factory = functools.partial(
-      network.Encoder, num_layers=1,
-      attention_factory=functools.partial(
-          attention.SelfAttention, num_heads=2, head_dim=8, dropout_rate=RATE
-      ),
-      feed_forward_factory=functools.partial(GatedMlp, hidden_dim=32, dropout_rate=RATE),
-      dropout_rate=RATE,
-  )
-  net = network.EncoderDecoder(
-      vocab_size=vocab, embed_dim=embed, encoder_factory=factory,
-      decoder_factory=functools.partial(
-          network.Decoder, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32,
-          dropout_rate=RATE,
-      ),
-  )
+  net = _t5_network()
   rng = np.random.default_rng(0)
-  inputs = rng.integers(1, vocab, size=(2, 24))
-  targets = rng.integers(1, vocab, size=(2, 10))
+  inputs = rng.integers(1, VOCAB, size=(2, 24))
+  targets = rng.integers(1, VOCAB, size=(2, 10))
   args = (inputs, targets, targets)
   variables = net.init(jax.random.PRNGKey(0), *args, enable_dropout=False)
   # Past the first site the activations differ from a run without dropout, so only the

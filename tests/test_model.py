@@ -1,6 +1,7 @@
-"""EncoderDecoderModel: the loss against numpy, and a CoLT5 that learns a copy task."""
+"""EncoderDecoderModel: the loss against numpy, and a CoLT5 that learns a copy task.
 
-import functools
+The network is CoLT5's model file (configs/models/colt5_tiny.gin) at smaller sizes.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -10,47 +11,33 @@ import pytest
 import seqio
 
 from colt5_flax import model as model_lib
-from colt5_flax import network
-from colt5_flax.layers import conditional, routing
+from colt5_flax import model_files
 from tests import tolerances
 
 VOCAB = 12
 
 
-def _colt5(num_layers=1, length_fraction=1 / 4):
-  attention = functools.partial(
-      conditional.ConditionalAttention,
-      num_light_heads=1,
-      num_heavy_heads=2,
-      head_dim=8,
-      local_radius=3,
-      capacity=routing.RoutingCapacity(fraction=length_fraction),
-  )
-  feed_forward = functools.partial(
-      conditional.ConditionalFeedForward,
-      light_mlp_dim=16,
-      heavy_mlp_dim=64,
-      capacity=routing.RoutingCapacity(fraction=length_fraction),
-  )
-  return network.EncoderDecoder(
-      vocab_size=VOCAB,
-      embed_dim=32,
-      encoder_factory=functools.partial(
-          network.Encoder,
-          num_layers=num_layers,
-          attention_factory=attention,
-          feed_forward_factory=feed_forward,
-      ),
-      decoder_factory=functools.partial(
-          network.Decoder, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32
-      ),
-  )
+def _colt5():
+  """The `EncoderDecoder` of configs/models/colt5_tiny.gin at the tests' sizes, as
+  `model_files` builds it: one encoder layer of 1 light head and 2 heavy heads of 8 (local
+  radius 3), light/heavy MLP 16/64, a quarter of the tokens routed (half the keys/values);
+  one decoder layer of 2 heads of 8, MLP 32; embed 32."""
+  bindings = {
+      "VOCAB_SIZE": VOCAB, "EMBED_DIM": 32, "NUM_HEADS": 2, "HEAD_DIM": 8, "MLP_DIM": 32,
+      "NUM_ENCODER_LAYERS": 1, "NUM_DECODER_LAYERS": 1, "NUM_LIGHT_HEADS": 1,
+      "NUM_HEAVY_HEADS": 2, "LIGHT_MLP_DIM": 16, "HEAVY_MLP_DIM": 64, "LOCAL_RADIUS": 3,
+      "ROUTED_FRACTION": 1 / 4,
+  }
+  model_file = model_files.model_file("colt5", "tiny")
+  with model_files.parsed([model_file], [f"{k} = {v!r}" for k, v in bindings.items()]):
+    return model_files.frozen("ARCHITECTURE")
 
 
 @pytest.fixture(scope="module")
 def model():
   vocab = seqio.PassThroughVocabulary(size=VOCAB, eos_id=1)
-  return model_lib.EncoderDecoderModel(_colt5(), vocab, vocab)
+  # z_loss 1e-4: the references below.
+  return model_lib.EncoderDecoderModel(_colt5(), vocab, vocab, z_loss=1e-4)
 
 
 def _batch(rng, batch=4, input_length=16, target_length=6):
