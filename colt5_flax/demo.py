@@ -385,7 +385,8 @@ def main(argv: Sequence[str]) -> None:
 
 def _export(export_dir, model_dir, gin_files, summary, colt5_params, light_params) -> None:
   colt5_scores = {k: v for k, v in summary.items()
-                  if k not in ("baseline", "learning_curves", "shipped", "steps_this_run")}
+                  if k not in ("baseline", "learning_curves", "shipped", "steps_this_run",
+                               "train_seconds")}
   demo_checkpoints.export(
       export_dir / "colt5_tiny", params=colt5_params, model_dir=model_dir,
       gin_files=gin_files, steps=summary["steps"],
