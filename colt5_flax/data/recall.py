@@ -35,7 +35,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from colt5_flax.data import metrics, vocabularies
+from colt5_flax.data import synthetic, vocabularies
 
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
 DEMO_TASK_NAME = "associative_recall_demo"
@@ -188,28 +188,12 @@ def register_recall_task(
   Features `inputs` [config.input_length] and `targets` [2] (digit, EOS), ByteVocabulary;
   metric `exact_match`.
   """
-  num_examples = {
-      "train": num_train_examples,
-      "validation": num_eval_examples,
-      "test": num_eval_examples,
-  }
-  source = seqio.FunctionDataSource(
-      functools.partial(_dataset_fn, config=config, num_examples=num_examples),
-      splits=tuple(num_examples),
-      num_input_examples=num_examples,
-  )
-  vocabulary = vocabularies.byte_vocabulary()
-  output_features = {
-      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
-      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
-  }
-  seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(
+  return synthetic.register_generated_task(
       name,
-      source=source,
-      output_features=output_features,
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-      metric_fns=[metrics.sequence_exact_match],
+      functools.partial(_dataset_fn, config=config),
+      vocabularies.byte_vocabulary(),
+      num_train_examples=num_train_examples,
+      num_eval_examples=num_eval_examples,
   )
 
 

@@ -317,13 +317,38 @@ def register_synthetic_task(
       seed=seed,
       min_question_distance=min_question_distance,
   )
+  return register_generated_task(
+      name,
+      functools.partial(_dataset_fn, config=config),
+      vocabulary,
+      num_train_examples=num_train_examples,
+      num_eval_examples=num_eval_examples,
+      extra_preprocessors=[align_masks_to_inputs],
+  )
+
+
+def register_generated_task(
+    name: str,
+    dataset_fn,
+    vocabulary: seqio.Vocabulary,
+    *,
+    num_train_examples: int,
+    num_eval_examples: int,
+    extra_preprocessors=(),
+) -> seqio.Task:
+  """Registers (or replaces) a task whose examples a function generates (no files).
+
+  `dataset_fn(split, shuffle_files, seed=None, *, num_examples)` returns the split's
+  `tf.data.Dataset` of {'inputs', 'targets', ...} strings; both features are tokenized
+  with `vocabulary` and end with EOS; metric `exact_match`.
+  """
   num_examples = {
       "train": num_train_examples,
       "validation": num_eval_examples,
       "test": num_eval_examples,
   }
   source = seqio.FunctionDataSource(
-      functools.partial(_dataset_fn, config=config, num_examples=num_examples),
+      functools.partial(dataset_fn, num_examples=num_examples),
       splits=tuple(num_examples),
       num_input_examples=num_examples,
   )
@@ -339,7 +364,7 @@ def register_synthetic_task(
       preprocessors=[
           seqio.preprocessors.tokenize,
           seqio.preprocessors.append_eos_after_trim,
-          align_masks_to_inputs,
+          *extra_preprocessors,
       ],
       metric_fns=[metrics.sequence_exact_match],
   )
