@@ -323,6 +323,11 @@ def _check_demo(kwargs, parts):
   assert parts[0].vocab_size >= task.output_features["inputs"].vocabulary.vocab_size
 
 
+def _check_demo_checkpoints(kwargs, parts):
+  _check_demo(kwargs, parts)
+  assert kwargs["train_steps"] == 6500  # the shipped checkpoints' run (docs/demo.md)
+
+
 def _check_test_tiny(kwargs, parts):
   del kwargs, parts
 
@@ -358,6 +363,11 @@ RUN_CHECKS = {
             evaluate_lib.evaluate: _check_demo,
             infer_lib.infer: _check_demo,
         },
+    ),
+    "demo_checkpoints": (
+        ["models/colt5_tiny.gin", "runs/demo.gin", "runs/demo_checkpoints.gin"],
+        ["MODEL_DIR = '/tmp/run'"],
+        {train_lib.train: _check_demo_checkpoints},
     ),
     "test_tiny": (
         ["runs/test_tiny.gin"],
