@@ -310,11 +310,17 @@ def train(
       # Leftovers of a save cut short would block their step and count as kept.
       checkpointer.remove_incomplete()
       restored = checkpointer.restore_latest(trainer.abstract_state)
+      # What identifies the data stream a checkpoint's `batches_consumed` counts in.
+      stream = {
+          "mixture_or_task_name": mixture_or_task_name,
+          "task_feature_lengths": dict(task_feature_lengths),
+          "batch_size": batch_size,
+          "seed": seed,
+      }
       if restored is not None:
         latest_step, state, data_position = restored
         logging.info("Resuming from %s/checkpoint_%d", model_dir, latest_step)
-        if _data_changed(data_position, mixture_or_task_name, task_feature_lengths,
-                         batch_size, seed):
+        if _data_changed(data_position, stream):
           data_position = {}  # A different stream starts at its first batch.
       elif initial_checkpoint_path:
         logging.info("Initialising parameters from %s", initial_checkpoint_path)
@@ -329,13 +335,7 @@ def train(
       jsonl.drop_records_after(eval_log, start_step)
 
       def position():
-        return {
-            "batches_consumed": batches_consumed,
-            "mixture_or_task_name": mixture_or_task_name,
-            "task_feature_lengths": dict(task_feature_lengths),
-            "batch_size": batch_size,
-            "seed": seed,
-        }
+        return {"batches_consumed": batches_consumed, **stream}
 
       if start_step >= train_steps:
         logging.info("Step %d >= TRAIN_STEPS=%d: nothing to do", start_step, train_steps)
@@ -455,18 +455,12 @@ def _summarize(window: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
   return {name: float(np.mean([m[name] for m in host])) for name in host[0]}
 
 
-def _data_changed(
-    data_position, mixture_or_task_name, task_feature_lengths, batch_size, seed
-) -> bool:
+def _data_changed(data_position: Mapping[str, Any], stream: Mapping[str, Any]) -> bool:
   """Whether the checkpoint's data position belongs to another stream (module doc)."""
-  now = {
-      "mixture_or_task_name": mixture_or_task_name,
-      "task_feature_lengths": dict(task_feature_lengths),
-      "batch_size": batch_size,
-      "seed": seed,
+  changed = {
+      k: (data_position[k], v) for k, v in stream.items()
+      if k in data_position and data_position[k] != v
   }
-  recorded = {k: data_position.get(k) for k in now if k in data_position}
-  changed = {k: (v, now[k]) for k, v in recorded.items() if v != now[k]}
   if changed:
     logging.info(
         "The checkpoint's data position was recorded for other data settings "
