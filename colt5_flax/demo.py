@@ -187,6 +187,7 @@ def score(
       "step": step,
       "eval_length": eval_length,
       "accuracy": accuracy / 100.0 if accuracy > 1.0 else accuracy,
+      "chance_accuracy": 1.0 / num_values,
   }
   if keep_params:
     result["_params"] = params
@@ -356,7 +357,6 @@ def main(argv: Sequence[str]) -> None:
         "train_seconds": round(light_seconds, 1),
     }
     runs["light branch only"] = demo_report.learning_curves(light_dir)
-  summary["chance_accuracy"] = 1.0 / _num_values(gin_files, model_dir, user_bindings)
   if shipped:
     shipped_example = shipped.get("colt5_tiny", {}).pop("_example", None)
     example, title = shipped_example or example, "the shipped CoLT5-tiny"
@@ -401,11 +401,6 @@ def _export(export_dir, model_dir, gin_files, summary, colt5_params, light_param
         scores={"accuracy": baseline["accuracy"], "eval_length": summary["eval_length"]},
     )
   logging.info("Exported the checkpoints to %s", export_dir)
-
-
-def _num_values(gin_files, model_dir, user_bindings) -> int:
-  _configure(gin_files, [f"MODEL_DIR = '{model_dir}'", *user_bindings])
-  return int(gin.query_parameter("%DEMO_NUM_VALUES"))
 
 
 def console_entry_point() -> None:
