@@ -78,7 +78,8 @@ class Stage:
 
 
 def curriculum(
-    train_steps: int, stages: Sequence[tuple[float, int, int, Sequence[str]]]
+    train_steps: int, stages: Sequence[tuple[float, int, int, Sequence[str]]],
+    stage_bindings: bool = True,
 ) -> list[Stage]:
   """The demo's stages from gin (`demo_script.curriculum`, configs/runs/demo.gin).
 
@@ -86,6 +87,8 @@ def curriculum(
     train_steps: `TRAIN_STEPS`, the last step of the whole curriculum.
     stages: (last step as a share of train_steps, input length, batch size, gin
       bindings), the shares increasing to 1.0.
+    stage_bindings: False drops the stages' bindings (the same lengths and batches for
+      a model they do not apply to: LongT5 has no routers).
 
   Returns:
     The stages with their last steps rounded (each ≥ the previous one + 1).
@@ -104,7 +107,8 @@ def curriculum(
   for index, (share, length, batch_size, bindings) in enumerate(stages):
     remaining = len(stages) - index - 1
     last = min(max(round(share * train_steps), previous + 1), train_steps - remaining)
-    result.append(Stage(last, int(length), int(batch_size), tuple(bindings)))
+    result.append(Stage(last, int(length), int(batch_size),
+                        tuple(bindings) if stage_bindings else ()))
     previous = last
   return result
 
@@ -123,20 +127,28 @@ def _configured(function):
 
 
 def routed_indices_by_layer(
-    intermediates: Mapping[str, Any], name: str = "kv_routed_indices"
+    intermediates: Mapping[str, Any], name: str = "kv_routed_indices",
+    module: str = "attention",
 ) -> list[np.ndarray]:
   """Each encoder layer's routed positions, [batch, num_routed] per layer.
 
-  Reads what `ConditionalAttention` sows (`kv_routed_indices`, `q_routed_indices`), for
-  stacks with and without `nn.scan` (whose layers are stacked along the first axis).
+  Reads what the conditional layers sow: `ConditionalAttention` (module "attention":
+  `kv_routed_indices`, `q_routed_indices`) and `ConditionalFeedForward` ("mlp":
+  `mlp_routed_indices`), for stacks with and without `nn.scan` (whose layers are stacked
+  along the first axis).
   """
   encoder = intermediates.get("encoder", {})
   if "layers" in encoder:  # Scanned: one entry, [layers, batch, k].
-    sown = encoder["layers"]["layer"]["attention"].get(name)
+    sown = encoder["layers"]["layer"].get(module, {}).get(name)
     return [] if sown is None else list(np.asarray(sown[0]))
   names = sorted((n for n in encoder if n.startswith("layers_")), key=lambda n: int(n[7:]))
-  sown = [encoder[n].get("attention", {}).get(name) for n in names]
+  sown = [encoder[n].get(module, {}).get(name) for n in names]
   return [np.asarray(s[0]) for s in sown if s is not None]
+
+
+# The routers `score` reads: (sown name, encoder layer module).
+ROUTERS = {"q": ("q_routed_indices", "attention"), "kv": ("kv_routed_indices", "attention"),
+           "mlp": ("mlp_routed_indices", "mlp")}
 
 
 def router_recall(routed: np.ndarray, relevant: np.ndarray) -> float:
@@ -166,12 +178,15 @@ def score(
     num_examples: int = 128,
     num_values: int = 8,
     keep_params: bool = False,
+    keep_routing: bool = False,
 ) -> dict[str, Any]:
   """Held-out exact match and router recalls of the checkpoint in `checkpoint_path`.
 
   Scores the demo task at `eval_length` tokens (`recall.register_demo_task` with the
   gin-bound knobs). Gin: `demo_script.score.*` (configs/runs/demo.gin). With
-  `keep_params`, the restored parameters come back as `_params`.
+  `keep_params`, the restored parameters come back as `_params`; with `keep_routing`,
+  every scored input's tokens and each router's positions per layer come back as
+  `_routing` (`{"tokens": [n, length], "q"|"kv"|"mlp": [per layer: [n, k]]}`).
   """
   task_name = _configured(recall.register_demo_task)(input_length=eval_length)
   lengths = recall.feature_lengths(eval_length)
@@ -202,20 +217,22 @@ def score(
           mutable=["intermediates"],
       )[1].get("intermediates", {})
   )
-  kv_layers, q_layers, tokens = [], [], []
+  routed: dict[str, list] = {router: [] for router in ROUTERS}
+  tokens = []
   for num_rows, batch in inference.batches(examples, lengths, batch_size):
     intermediates = jax.device_get(encode(params, batch["encoder_input_tokens"]))
-    kv = routed_indices_by_layer(intermediates, "kv_routed_indices")
-    if not kv:
-      break  # No heavy branch: nothing is routed.
-    kv_layers.append([layer[:num_rows] for layer in kv])
-    q_layers.append(
-        [layer[:num_rows] for layer in routed_indices_by_layer(intermediates, "q_routed_indices")]
-    )
+    for router, (name, module) in ROUTERS.items():
+      routed[router].append(
+          [layer[:num_rows] for layer in routed_indices_by_layer(intermediates, name, module)]
+      )
     tokens.append(batch["encoder_input_tokens"][:num_rows])
-  if kv_layers:
-    kv_by_layer = [np.concatenate(parts) for parts in zip(*kv_layers, strict=True)]
-    q_by_layer = [np.concatenate(parts) for parts in zip(*q_layers, strict=True)]
+  # Per router, per layer: [num_examples, k] (no entry for a router the model lacks).
+  by_layer = {router: [np.concatenate(parts) for parts in zip(*batches, strict=True)]
+              for router, batches in routed.items() if batches and batches[0]}
+  if keep_routing:
+    result["_routing"] = {"tokens": np.concatenate(tokens), **by_layer}
+  if "kv" in by_layer and "q" in by_layer:
+    kv_by_layer, q_by_layer = by_layer["kv"], by_layer["q"]
     tokens = np.concatenate(tokens)
     facts = recall.fact_mask_for(tokens, num_values)
     answer = recall.relevant_mask_for(tokens, num_values)
@@ -261,7 +278,7 @@ def score_checkpoint(
 
 def train_curriculum(
     gin_files: Sequence[str], model_dir: epath.Path, user_bindings: Sequence[str],
-    *, keep_params: bool = False,
+    *, keep_params: bool = False, keep_routing: bool = False,
 ) -> tuple[dict[str, Any], float]:
   """Trains every stage in `model_dir`, then scores; returns (score, training seconds)."""
   base = [f"MODEL_DIR = '{model_dir}'", *user_bindings]
@@ -281,7 +298,10 @@ def train_curriculum(
     start = time.time()
     train_fn()  # Returns the final state; the next stage restores the checkpoint.
     seconds += time.time() - start
-  return score_checkpoint(gin_files, model_dir, user_bindings, keep_params=keep_params), seconds
+  score_result = score_checkpoint(
+      gin_files, model_dir, user_bindings, keep_params=keep_params, keep_routing=keep_routing
+  )
+  return score_result, seconds
 
 
 SHIPPED_MODELS = {"colt5_tiny": (), "light_only": (BASELINE_GIN_FILE,)}
