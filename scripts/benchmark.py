@@ -1,12 +1,31 @@
-r"""Speed and memory of the CoLT5, LongT5 and T5 encoders, side by side (docs/benchmarks.md).
+r"""Speed and memory of the CoLT5, LongT5 and T5 encoders and models, side by side
+(docs/benchmarks.md).
 
   .venv/bin/python scripts/benchmark.py --width=base --lengths=4096,16384 \
     --mode=fwd,fwd_bwd --scopes=layer [--peers] [--json=FILE] [--plot=FILE]
+  .venv/bin/python scripts/benchmark.py --width=base --lengths=4096,16384 --batch=1 \
+    --scopes=train_step --kinds=colt5,longt5_tglobal --target_length=512
+  .venv/bin/python scripts/benchmark.py --width=base --lengths=4096,16384 --batch=1,8 \
+    --scopes=inference --kinds=colt5,longt5_tglobal,longt5_tglobal_mqa --decode_length=128
 
 Times one encoder layer and/or a whole encoder (`network.Encoder`) of each kind (`colt5`,
 `longt5_tglobal`, `longt5_local`, `t5`) at a width of paper Table 7, built from the gin model
 file the trainer reads (`configs/models/<architecture>_<width>.gin`; a layer is an encoder
-of depth 1: the layer and a final norm). Per case (`benchmarking.cases.Case`):
+of depth 1: the layer and a final norm). Two more scopes time the whole encoder-decoder
+model as that file builds it, scan and remat included (`benchmarking.whole_model`):
+
+- `train_step`: one step of the project's `trainer.Trainer` (loss, gradients, Adafactor
+  update) on `--lengths` input and `--target_length` target tokens (issue 16 §2);
+- `inference`: CoLT5 §5.2's end-to-end measure: encode, then greedily decode
+  `--decode_length` tokens with the KV cache through `model.predict_batch`, with the EOS
+  logit suppressed at every step so that every case decodes all of them. Reported as
+  samples/second, with the encoder's and the decoder's shares of the time (the encoder is
+  timed alone in the same case).
+
+For these, kinds may also be `<kind>_mqa` or `<kind>_mha`: the model file with multi-query
+or multi-head decoder cross-attention (`NUM_CROSS_ATTENTION_KV_HEADS`; CoLT5's default is
+multi-query, LongT5's multi-head). `--batch` takes a list. `--plan_only` prints the
+planned cases and their FLOPs and runs nothing. Per case (`benchmarking.cases.Case`):
 
 - compile time (lowering + XLA compilation), reported apart and never timed again;
 - the median of `--repeats` timed runs after `--warmup` runs, each ending in
@@ -29,8 +48,9 @@ float32 logits alone exceed the memory budget, and any compiled program whose XL
 assignment (`memory_analysis`) exceeds it. `--max_run_s` skips cases whose estimated run
 (FLOPs at half the measured matmul peak) would take longer.
 
-On a shared machine, `--interleave` times the kinds of each (scope, mode, length) in
-turns in one process and reports round-by-round time ratios (`paired_ratios`).
+On a shared machine, `--interleave` times the kinds of each (scope, mode, length, batch)
+in turns in one process and reports round-by-round time ratios (`paired_ratios`); an
+inference case's encoder runs right after it in each round.
 
 `--peers` adds, when torch is importable, the PyTorch `colt5-attention` package's
 `ConditionalRoutedTransformerBlock` and transformers' LongT5 transient-global block
@@ -39,12 +59,15 @@ either is skipped with a note when its package is missing.
 
 Output: a Markdown table on stdout; `--json=FILE` writes
 `{"backend", "matmul_peak_gflops", "results": [{"model", "length", "width", "mode",
-"batch", "dtype", "ms", "compile_s", "peak_mem_mb", "flops", "achieved_gflops", ...}]}`;
+"batch", "dtype", "ms", "compile_s", "peak_mem_mb", "flops", "achieved_gflops", ...}]}`
+(whole models add `samples_per_s`; a train step `target_length` and `first_step_loss`;
+inference `decode_length`, `encoder_ms`, `decoder_ms`, `encoder_share`, `decoder_share`
+and `decoded_first_row`);
 `--plot=FILE` draws time and memory against length for each kind (log-log).
 
 The parts live in scripts/benchmarking/: `cases` (what a case is, its FLOPs), `ours` (our
-encoders: build, compile, time), `peers` (PyTorch), `measure` (timing, memory, matmul
-peak) and `report` (table, plot).
+encoders: build, compile, time), `whole_model` (train steps and inference), `peers`
+(PyTorch), `measure` (timing, memory, matmul peak) and `report` (table, plot).
 """
 
 
@@ -61,9 +84,14 @@ from typing import Any
 
 from absl import app, flags
 from benchmarking import cases, measure, ours, peers, report
-from benchmarking.cases import KINDS, MODES, PEERS, SCOPES, Case
+from benchmarking.cases import KINDS, MODES, PEERS, SCOPES, WHOLE_MODEL_SCOPES, Case
 
-_KINDS = flags.DEFINE_list("kinds", list(KINDS), f"Encoder kinds, of {KINDS}.")
+_KINDS = flags.DEFINE_list(
+    "kinds",
+    list(KINDS),
+    f"Model kinds, of {KINDS}; for train_step and inference also <kind>_mqa and <kind>_mha "
+    "(multi-query or multi-head decoder cross-attention).",
+)
 _WIDTH = flags.DEFINE_enum(
     "width", "base", ["tiny", "base", "large", "xl"], "Model size (configs/models/*_<width>.gin)."
 )
@@ -78,9 +106,20 @@ _PEER_LENGTHS = flags.DEFINE_list(
     "peer_lengths", None, "Lengths for --peers (default: those of the mode)."
 )
 _MODE = flags.DEFINE_list("mode", ["fwd"], "fwd (inference) and/or fwd_bwd (training).")
-_SCOPES = flags.DEFINE_list("scopes", ["layer"], "layer (one EncoderLayer) and/or encoder.")
+_SCOPES = flags.DEFINE_list(
+    "scopes",
+    ["layer"],
+    "layer (one EncoderLayer), encoder, train_step (a whole model's training step) and/or "
+    "inference (encode, then greedily decode --decode_length tokens).",
+)
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Encoder depth (default: the width's).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
+_BATCH = flags.DEFINE_list("batch", ["1"], "Batch sizes (each a case).")
+_TARGET_LENGTH = flags.DEFINE_integer(
+    "target_length", 512, "Target tokens per row of a train_step case."
+)
+_DECODE_LENGTH = flags.DEFINE_integer(
+    "decode_length", 128, "Tokens an inference case decodes (every one; EOS is suppressed)."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs after compilation.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (the median is reported).")
@@ -107,13 +146,20 @@ _CASE_TIMEOUT_S = flags.DEFINE_float("case_timeout_s", 1800.0, "Kill a case afte
 _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", None, "Side of the square peak matmul (default 2048 on CPU, 8192 else)."
 )
-_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "nn.scan over encoder layers.")
-_REMAT = flags.DEFINE_string("remat", "none", "Encoder remat policy (layer_stack.REMAT_POLICIES).")
+_SCAN_LAYERS = flags.DEFINE_bool(
+    "scan_layers", True, "nn.scan over encoder layers (--scopes=encoder; whole models: the gin's)."
+)
+_REMAT = flags.DEFINE_string(
+    "remat", "none", "Encoder remat policy (layer_stack.REMAT_POLICIES; --scopes=encoder only)."
+)
 _PEERS = flags.DEFINE_bool("peers", False, "Also time the PyTorch peers (see docstring).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw time and memory against length here.")
 _FROM_JSON = flags.DEFINE_string(
     "from_json", None, "Print the table and draw --plot from a saved --json report; run nothing."
+)
+_PLAN_ONLY = flags.DEFINE_bool(
+    "plan_only", False, "Print the planned cases (one JSON line each, with FLOPs); run nothing."
 )
 _CASE = flags.DEFINE_string("case", None, "Internal: run one JSON-encoded case, print result.")
 
@@ -162,7 +208,7 @@ def _lengths(values: list[str], name: str) -> list[int]:
   except ValueError as error:
     raise ValueError(f"--{name}={','.join(values)}: expected integers") from error
   if not parsed or min(parsed) < 1:
-    raise ValueError(f"--{name}={','.join(values)}: expected positive lengths")
+    raise ValueError(f"--{name}={','.join(values)}: expected positive integers")
   return parsed
 
 
@@ -170,18 +216,25 @@ def plan_cases() -> list[Case]:
   """Every case of the flags, ordered so the kinds of one (scope, mode, length) run back
   to back: their ratios then compare runs made under the same machine load."""
   for name, values, allowed in (
-      ("kinds", _KINDS.value, KINDS),
       ("mode", _MODE.value, MODES),
       ("scopes", _SCOPES.value, SCOPES),
   ):
     bad = [v for v in values if v not in allowed]
     if bad or not values:
       raise ValueError(f"--{name}={','.join(values)}: expected values among {allowed}")
-  if _BATCH.value < 1:
-    raise ValueError(f"--batch={_BATCH.value}: expected >= 1")
+  allowed_kinds = sorted({k for scope in _SCOPES.value for k in cases.kinds_of_scope(scope)})
+  bad = [k for k in _KINDS.value if k not in allowed_kinds]
+  if bad or not _KINDS.value:
+    raise ValueError(
+        f"--kinds={','.join(_KINDS.value)}: expected values among {allowed_kinds} "
+        "(<kind>_mqa and <kind>_mha only with --scopes=train_step or inference)"
+    )
+  batches = _lengths(_BATCH.value, "batch")
+  for name, value in (("target_length", _TARGET_LENGTH), ("decode_length", _DECODE_LENGTH)):
+    if value.value < 1:
+      raise ValueError(f"--{name}={value.value}: expected >= 1")
   common = dict(
       width=_WIDTH.value,
-      batch=_BATCH.value,
       dtype=_DTYPE.value,
       warmup=_WARMUP.value,
       repeats=_REPEATS.value,
@@ -191,6 +244,8 @@ def plan_cases() -> list[Case]:
       remat=_REMAT.value,
       matmul_size=_MATMUL_SIZE.value,
       memory_budget_gb=_MEMORY_BUDGET_GB.value,
+      target_length=_TARGET_LENGTH.value,
+      decode_length=_DECODE_LENGTH.value,
   )
   mode_lengths = {
       "fwd": _lengths(_LENGTHS.value, "lengths"),
@@ -200,19 +255,28 @@ def plan_cases() -> list[Case]:
   peer_lengths = _PEER_LENGTHS.value and _lengths(_PEER_LENGTHS.value, "peer_lengths")
   planned = []
   for scope in _SCOPES.value:
-    for mode in _MODE.value:
+    # A whole model's scope has one mode: a training step, or inference.
+    modes = [WHOLE_MODEL_SCOPES[scope]] if scope in WHOLE_MODEL_SCOPES else _MODE.value
+    for mode in modes:
       ours_lengths = (
           encoder_lengths if scope == "encoder" and encoder_lengths else mode_lengths[mode]
       )
       peers_lengths = (
           (peer_lengths or mode_lengths[mode]) if scope == "layer" and _PEERS.value else []
       )
-      for length in sorted(set(ours_lengths) | set(peers_lengths)):
-        kinds = list(_KINDS.value) if length in ours_lengths else []
-        kinds += list(PEERS) if length in peers_lengths else []
-        for kind in kinds:
-          scope_of_kind = "peer" if kind in PEERS else scope
-          planned.append(Case(kind=kind, scope=scope_of_kind, mode=mode, length=length, **common))
+      kinds_here = [k for k in _KINDS.value if k in cases.kinds_of_scope(scope)]
+      for batch in batches:
+        for length in sorted(set(ours_lengths) | set(peers_lengths)):
+          kinds = list(kinds_here) if length in ours_lengths else []
+          kinds += list(PEERS) if length in peers_lengths else []
+          for kind in kinds:
+            scope_of_kind = "peer" if kind in PEERS else scope
+            planned.append(
+                Case(
+                    kind=kind, scope=scope_of_kind, mode=mode, length=length, batch=batch,
+                    **common,
+                )
+            )
   return planned
 
 
@@ -239,8 +303,8 @@ def _result_row(case: Case, outcome: dict, peak_gflops: float | None) -> dict[st
 
 
 def _groups(planned: list[Case]) -> list[list[Case]]:
-  """With --interleave, consecutive cases of ours with one (scope, mode, length) form a
-  group timed in turns; otherwise every case is its own group."""
+  """With --interleave, consecutive cases of ours with one (scope, mode, length, batch)
+  form a group timed in turns; otherwise every case is its own group."""
   groups: list[list[Case]] = []
   for case in planned:
     if (
@@ -326,6 +390,10 @@ def main(argv):
     print(report.format_table(saved["results"]))
     if _PLOT.value:
       report.plot(saved["results"], _PLOT.value)
+    return
+  if _PLAN_ONLY.value:
+    for case in plan_cases():
+      print(json.dumps(cases.result_fields(case) | {"flops": cases.case_flops(case)}))
     return
   result = benchmark()
   print(f"\nmatmul peak: {result['matmul_peak_gflops']:.1f} GFLOP/s; final table:\n")

@@ -152,3 +152,168 @@ def test_missing_peer_package_is_skipped_with_a_note(tmp_path):
   row = json.loads(line.split(" ", 1)[1])
   assert row["skipped"]
   assert "colt5-attention is not installed" in row["note"]
+
+
+# -- Whole models: --scopes=train_step,inference -------------------------------------------
+
+SCRIPTS = os.path.join(ROOT, "scripts")
+WHOLE_MODEL_KINDS = ("colt5", "longt5_tglobal_mqa")
+WHOLE_MODEL_FLAGS = (
+    "--width=tiny", "--scopes=train_step,inference", "--lengths=64", "--target_length=8",
+    "--decode_length=4", "--batch=2", "--repeats=1", "--warmup=0", "--isolate=false",
+    "--matmul_size=128", f"--kinds={','.join(WHOLE_MODEL_KINDS)}",
+)
+
+
+def _benchmarking():
+  if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+  from benchmarking import cases, whole_model
+
+  return cases, whole_model
+
+
+def _case(scope, kind):
+  """The Case that WHOLE_MODEL_FLAGS plans for `scope` and `kind`."""
+  cases, _ = _benchmarking()
+  return cases.Case(
+      kind=kind, scope=scope, mode=cases.WHOLE_MODEL_SCOPES[scope], length=64, width="tiny",
+      batch=2, warmup=0, repeats=1, matmul_size=128, target_length=8, decode_length=4,
+  )
+
+
+@pytest.fixture(scope="module")
+def whole_model_report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("whole_model")
+  done = _run(out, *WHOLE_MODEL_FLAGS, f"--json={out / 'report.json'}", timeout=1800)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(out / "report.json", encoding="utf-8") as f:
+    rows = json.load(f)["results"]
+  return {(row["scope"], row["model"]): row for row in rows}, done.stdout
+
+
+def test_whole_model_json_has_every_case_and_field(whole_model_report):
+  rows, stdout = whole_model_report
+  assert set(rows) == {
+      (scope, kind) for scope in ("train_step", "inference") for kind in WHOLE_MODEL_KINDS
+  }
+  for (scope, _), row in rows.items():
+    assert set(REQUIRED) <= set(row) and not row["skipped"], row
+    assert (row["length"], row["batch"], row["width"]) == (64, 2, "tiny")
+    assert row["mode"] == ("fwd_bwd" if scope == "train_step" else "fwd")
+    assert row["ms"] > 0 and row["compile_s"] > 0 and row["peak_mem_mb"] > 0
+    # samples/s = batch / time.
+    assert row["samples_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
+    if scope == "train_step":
+      assert row["target_length"] == 8 and row["first_step_loss"] > 0
+    else:
+      assert row["decode_length"] == 4 and len(row["decoded_first_row"]) == 4
+      assert 0 < row["encoder_ms"] and row["decoder_ms"] >= 0
+      assert row["encoder_share"] + row["decoder_share"] == pytest.approx(1.0)
+      assert row["encoder_share"] == pytest.approx(min(row["encoder_ms"] / row["ms"], 1.0))
+  assert sum(line.startswith("| inference |") for line in stdout.splitlines()) >= 2
+
+
+def test_whole_model_flops_match_hand_counts(tmp_path):
+  """--plan_only (no compilation): the train step's and inference's FLOPs at the tiny
+  sizes (embed 32, 4 heads × 8, MLP 64, 2 + 2 layers, 384 vocabulary rows; LongT5 blocks
+  of 32 tokens, a global token per 16), written out by hand."""
+  done = _run(
+      tmp_path, "--width=tiny", "--scopes=train_step,inference", "--lengths=256",
+      "--target_length=8", "--decode_length=4", "--batch=1,3",
+      "--kinds=longt5_tglobal,longt5_tglobal_mqa", "--plan_only", timeout=120,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  planned = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+  flops = {(r["scope"], r["model"], r["batch"]): r["flops"] for r in planned}
+  assert len(flops) == 8
+  d, inner, ff, vocab, n, globals_ = 32, 32, 64, 384, 256, 16
+  encoder = 2 * (
+      4 * 2 * n * d * inner + 2 * 2 * globals_ * d * inner
+      + 2 * 2 * n * (96 + globals_) * inner + 3 * 2 * n * d * ff
+  )
+
+  def decoder(tokens, keys, kv_inner):  # one pass of `tokens` queries, 2 layers + logits
+    layer = (
+        4 * 2 * tokens * d * inner + 2 * 2 * tokens * keys * inner  # self-attention
+        + 2 * 2 * tokens * d * inner + 2 * 2 * tokens * n * inner  # cross-attention
+        + 3 * 2 * tokens * d * ff
+    )
+    return 2 * layer + 2 * tokens * d * vocab
+
+  for kind, kv_inner in (("longt5_tglobal", inner), ("longt5_tglobal_mqa", 8)):
+    cross_kv = 2 * 2 * 2 * n * d * kv_inner  # 2 layers' keys and values, once
+    train = 3 * (encoder + decoder(8, 8, kv_inner) + cross_kv)
+    infer = encoder + 4 * decoder(1, 4, kv_inner) + cross_kv
+    for batch in (1, 3):
+      assert flops[("train_step", kind, batch)] == batch * train
+      assert flops[("inference", kind, batch)] == batch * infer
+
+
+def test_inference_decodes_as_predict_batch_and_an_uncached_loop(whole_model_report):
+  """The decoded ids equal `model.predict_batch`'s greedy output (up to an EOS, which the
+  benchmark suppresses) and a plain greedy loop that reruns the whole decoder over the
+  prefix at each step, without the KV cache, with the EOS logit removed."""
+  import jax
+  import numpy as np
+
+  rows, _ = whole_model_report
+  _, whole_model = _benchmarking()
+  kind = "longt5_tglobal_mqa"
+  params, batch, _, _, model = whole_model.inference_programs(_case("inference", kind))
+  got = rows[("inference", kind)]["decoded_first_row"]
+
+  module = model.module
+  encoder_tokens = batch["encoder_input_tokens"]
+  apply = jax.jit(
+      lambda decoder_input: module.apply(
+          {"params": params}, encoder_tokens, decoder_input, np.ones_like(decoder_input),
+          enable_dropout=False,
+      )
+  )
+  decoder_input = np.zeros((2, 4), np.int32)
+  expected = []
+  for step in range(4):
+    logits = np.asarray(apply(decoder_input))[:, step].copy()
+    logits[:, whole_model.EOS_ID] = -np.inf
+    token = logits.argmax(-1)
+    expected.append(int(token[0]))
+    if step + 1 < 4:
+      decoder_input[:, step + 1] = token
+  assert got == expected
+
+  plain = np.asarray(jax.jit(model.predict_batch)(params, batch))[0].tolist()
+  ended = plain.index(whole_model.EOS_ID) if whole_model.EOS_ID in plain else 4
+  assert got[:ended] == plain[:ended]
+
+
+def test_train_step_loss_is_the_cross_entropy_of_the_initial_model(whole_model_report):
+  """The first step's loss equals T5's loss (cross-entropy + 1e-4 log²Z, mean over the
+  target tokens) of the initial parameters on the same batch, computed here in float64
+  from the network's logits."""
+  import numpy as np
+
+  rows, _ = whole_model_report
+  _, whole_model = _benchmarking()
+  trainer, model = whole_model.build_trainer(_case("train_step", "colt5"))
+  params = trainer.create_state().params
+  batch = whole_model.train_batch(_case("train_step", "colt5"), model.module.vocab_size)
+  logits = np.asarray(
+      model.module.apply(
+          {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+          batch["decoder_target_tokens"], enable_dropout=False,
+      ),
+      np.float64,
+  )
+  top = logits.max(-1, keepdims=True)
+  log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+  targets = batch["decoder_target_tokens"]
+  target_logits = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  expected = np.mean(log_z - target_logits + 1e-4 * log_z**2)
+  assert rows[("train_step", "colt5")]["first_step_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_attention_variants_need_a_whole_model():
+  done = _run(None, "--kinds=colt5_mha", "--scopes=layer", "--plan_only", timeout=120)
+  assert done.returncode != 0
+  assert "--kinds=colt5_mha" in done.stderr

@@ -1,9 +1,11 @@
-"""Our encoders: built from their gin model file, compiled, timed.
+"""Our models: built from their gin model file, compiled, timed.
 
 A case's encoder is `network.Encoder` as the model file configures it (`cases.gin_bindings`
 sets the depth, dtype, scan and remat); a layer case is an encoder of depth 1. Flax calls
 the gin-configured factories while tracing, so each case is compiled inside its
-`model_files.parsed` block; the compiled program no longer needs gin.
+`model_files.parsed` block; the compiled program no longer needs gin. The whole-model
+scopes (`train_step`, `inference`) are built by `benchmarking.whole_model`, and may time
+parts of their program beside the whole (the encoder of an inference case).
 """
 
 from __future__ import annotations
@@ -12,22 +14,23 @@ import statistics
 import time
 from typing import Any
 
-from benchmarking import cases, measure
+from benchmarking import cases, measure, whole_model
 from benchmarking.cases import Case
 
 
 def _full_attention_bytes(case: Case, num_heads: int) -> int:
   """Bytes of one float32 [batch, heads, n, n] logits array per layer kept alive."""
-  layers = cases.depth(case) if case.scope == "encoder" and case.mode == "fwd_bwd" else 1
+  layers = cases.depth(case) if case.scope != "layer" and case.mode == "fwd_bwd" else 1
   return 4 * case.batch * num_heads * case.length**2 * layers
 
 
-def prepare_case(case: Case) -> tuple[dict[str, Any], Any]:
+def prepare_case(case: Case) -> tuple[dict[str, Any], Any, dict[str, Any]]:
   """Builds and compiles one case of ours in this process.
 
-  Returns (row, run): the row so far (compile time, XLA's memory and FLOP counts, or a
-  skip note) and a `run()` that executes the compiled program once and blocks until its
-  results are ready, or None when the case is skipped.
+  Returns (row, run, parts): the row so far (compile time, XLA's memory and FLOP counts,
+  or a skip note), a `run()` that executes the compiled program once and blocks until its
+  results are ready (None when the case is skipped), and `{name: run}` of parts of the
+  program timed beside it (their times go to `<name>_ms`).
   """
   import jax
   import jax.numpy as jnp
@@ -48,7 +51,9 @@ def prepare_case(case: Case) -> tuple[dict[str, Any], Any]:
         "skipped": True,
         "note": f"full attention's float32 logits alone need {need:.1f} GiB "
         f"> budget {budget / 2**30:.1f} GiB",
-    }, None
+    }, None, {}
+  if case.scope in cases.WHOLE_MODEL_SCOPES:
+    return whole_model.prepare_case(case, row, budget)
 
   batch, length = case.batch, case.length
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -81,41 +86,21 @@ def prepare_case(case: Case) -> tuple[dict[str, Any], Any]:
     start = time.perf_counter()
     compiled = jax.jit(step).lower(*args).compile()
     row["compile_s"] = time.perf_counter() - start
-  try:
-    analysis = compiled.memory_analysis()
-    needed = (
-        analysis.temp_size_in_bytes
-        + analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
-    row["compiled_mem_mb"] = needed / 2**20
-  except Exception:  # noqa: BLE001 - backends without buffer analysis
-    needed = None
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    row["xla_flops"] = float(cost.get("flops", float("nan")))
-  except Exception:  # noqa: BLE001 - backends without cost analysis
-    pass
-  if needed is not None and needed > budget:
-    return row | {
-        "skipped": True,
-        "note": f"compiled program needs {needed / 2**30:.1f} GiB "
-        f"> budget {budget / 2**30:.1f} GiB",
-    }, None
+  row |= whole_model.compiled_analysis(compiled)
+  if whole_model.over_budget(row, budget):
+    return row | whole_model.over_budget(row, budget), None, {}
 
   def run():
     jax.block_until_ready(compiled(*args))
 
-  return row, run
+  return row, run, {}
 
 
 def run_case(case: Case) -> dict[str, Any]:
   """Compiles and times one case of ours in this process; returns its result row."""
   import jax
 
-  row, run = prepare_case(case)
+  row, run, parts = prepare_case(case)
   if run is None:
     return row
   row["matmul_gflops_now"] = measure.matmul_gflops_now(case.dtype, case.matmul_size or 2048)
@@ -125,40 +110,64 @@ def run_case(case: Case) -> dict[str, Any]:
   row |= measure.time_runs(
       run, warmup=case.warmup, repeats=case.repeats, max_case_s=case.max_case_s
   )
-  return row | memory.stop()
+  row |= memory.stop()
+  for name, run_part in parts.items():
+    timing = measure.time_runs(
+        run_part, warmup=case.warmup, repeats=case.repeats, max_case_s=case.max_case_s
+    )
+    row[f"{name}_ms"], row[f"{name}_ms_runs"] = timing["ms"], timing["ms_runs"]
+  return whole_model.finish_row(case, row)
 
 
 def run_interleaved(group: list[Case]) -> list[dict[str, Any]]:
-  """Times the cases of one (scope, mode, length) group in turns, in this process.
+  """Times the cases of one (scope, mode, length, batch) group in turns, in this process.
 
-  All cases are compiled first; then each round runs every case once, in the same
-  order, so every kind meets the same machine load, and the ratio of two kinds' times
-  is taken round by round (`paired_ratios`: the median over rounds of this case's time
-  over the other's). Peak memory is then XLA's buffer assignment for the compiled
-  program (arguments + outputs + temporaries), since the cases share one process.
+  All cases are compiled first; then each round runs every case once (and right after
+  it, its parts), in the same order, so every kind meets the same machine load, and the
+  ratio of two kinds' times is taken round by round (`paired_ratios`: the median over
+  rounds of this case's time over the other's). Peak memory is then XLA's buffer
+  assignment for the compiled program (arguments + outputs + temporaries), since the
+  cases share one process.
   """
   first = group[0]
   prepared = [prepare_case(case) for case in group]
-  active = [(case, row, run) for case, (row, run) in zip(group, prepared, strict=True) if run]
-  for case, _, run in active:
+  active = [
+      (case, row, run, parts)
+      for case, (row, run, parts) in zip(group, prepared, strict=True)
+      if run
+  ]
+  for case, _, run, parts in active:
     for _ in range(max(case.warmup, 0)):
       run()
+      for run_part in parts.values():
+        run_part()
   matmul_now = [measure.matmul_gflops_now(first.dtype, first.matmul_size or 2048)]
   times: list[list[float]] = [[] for _ in active]
+  part_times: list[dict[str, list[float]]] = [{name: [] for name in p} for *_, p in active]
   for round_index in range(max(first.repeats, 1)):
-    for (_, _, run), case_times in zip(active, times, strict=True):
-      start = time.perf_counter()
-      run()
-      case_times.append(time.perf_counter() - start)
+    for (_, _, run, parts), case_times, case_part_times in zip(
+        active, times, part_times, strict=True
+    ):
+      for name, timed in [(None, run), *parts.items()]:
+        start = time.perf_counter()
+        timed()
+        (case_times if name is None else case_part_times[name]).append(
+            time.perf_counter() - start
+        )
     spent = sum(sum(t) for t in times)
     if spent / (round_index + 1) * (round_index + 2) > first.max_case_s * len(active):
       break
   matmul_now.append(measure.matmul_gflops_now(first.dtype, first.matmul_size or 2048))
-  names = [case.model_name for case, _, _ in active]
-  for (case, row, _), case_times in zip(active, times, strict=True):
+  names = [case.model_name for case, *_ in active]
+  for (case, row, _, _), case_times, case_part_times in zip(
+      active, times, part_times, strict=True
+  ):
     row["matmul_gflops_now"] = statistics.mean(matmul_now)
     row["ms"] = 1e3 * statistics.median(case_times)
     row["ms_runs"] = [round(1e3 * t, 3) for t in case_times]
+    for name, timed in case_part_times.items():
+      row[f"{name}_ms"] = 1e3 * statistics.median(timed)
+      row[f"{name}_ms_runs"] = [round(1e3 * t, 3) for t in timed]
     row["interleaved"] = True
     row["paired_ratios"] = {
         name: statistics.median(a / b for a, b in zip(case_times, other, strict=True))
@@ -168,4 +177,5 @@ def run_interleaved(group: list[Case]) -> list[dict[str, Any]]:
     if "compiled_mem_mb" in row:
       row["peak_mem_mb"] = row["compiled_mem_mb"]
       row["mem_source"] = "XLA memory_analysis (interleaved cases share a process)"
-  return [row for row, _ in prepared]
+    whole_model.finish_row(case, row)
+  return [row for row, _, _ in prepared]

@@ -6,11 +6,13 @@ from benchmarking import cases
 
 
 def format_table(rows: list[dict]) -> str:
+  """One row per case. `samples/s` is batch / time; `enc %` the encoder's share of an
+  inference case's end-to-end time (the decoder has the rest)."""
   header = (
-      "| scope | model | mode | length | ms | µs/token | compile s | peak MiB | GFLOP "
-      "| GFLOP/s | % peak | % peak now | note |"
+      "| scope | model | mode | length | batch | ms | µs/token | samples/s | enc % "
+      "| compile s | peak MiB | GFLOP | GFLOP/s | % peak | % peak now | note |"
   )
-  lines = [header, "|" + "|".join("---" for _ in range(13)) + "|"]
+  lines = [header, "|" + "|".join("---" for _ in range(16)) + "|"]
   lines += [format_row(row) for row in rows]
   return "\n".join(lines)
 
@@ -25,7 +27,9 @@ def format_row(row: dict) -> str:
 
   return (
       f"| {row['scope']} | {row['model']} | {row['mode']} | {row['length']} "
-      f"| {number(row['ms'], '.1f')} | {number(row.get('us_per_token'), '.1f')} "
+      f"| {row['batch']} | {number(row['ms'], '.1f')} "
+      f"| {number(row.get('us_per_token'), '.1f')} "
+      f"| {number(row.get('samples_per_s'), '.2f')} | {percent('encoder_share')} "
       f"| {number(row['compile_s'], '.1f')} | {number(row['peak_mem_mb'], '.0f')} "
       f"| {row['flops'] / 1e9:.1f} | {number(row['achieved_gflops'], '.1f')} "
       f"| {percent('fraction_of_peak')} | {percent('fraction_of_peak_now')} | {row['note']} |"
@@ -34,7 +38,8 @@ def format_row(row: dict) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
   """Time and peak memory against length, log-log: a colour per model, solid circles for
-  a layer, dashed squares for a whole encoder, dotted for peers; a column per mode."""
+  a layer, dashed squares for a whole encoder, dash-dotted triangles for a whole model's
+  train step (up) or inference (down), dotted for peers; a column per mode."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -42,20 +47,22 @@ def plot(rows: list[dict], path: str) -> None:
 
   modes = [m for m in cases.MODES if any(r["mode"] == m for r in rows)]
   figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9), squeeze=False)
-  styles = {"layer": "-", "encoder": "--"}
-  models = [*cases.KINDS, *(f"peer:{peer}" for peer in cases.PEERS)]
+  styles = {"layer": "-", "encoder": "--", "train_step": "-.", "inference": "-."}
+  markers = {"layer": "o", "encoder": "s", "train_step": "^", "inference": "v"}
+  models = [*cases.kinds_of_scope("inference"), *(f"peer:{peer}" for peer in cases.PEERS)]
   colors = {model: f"C{i}" for i, model in enumerate(models)}
   for column, mode in enumerate(modes):
-    series: dict[tuple[str, str], list[dict]] = {}
+    series: dict[tuple[str, str, int], list[dict]] = {}
     for row in rows:
       if row["mode"] == mode and not row["skipped"] and row["ms"] is not None:
-        series.setdefault((row["model"], row["scope"]), []).append(row)
-    for (model, scope), points in sorted(series.items()):
+        series.setdefault((row["model"], row["scope"], row["batch"]), []).append(row)
+    batches = {batch for _, _, batch in series}
+    for (model, scope, batch), points in sorted(series.items()):
       points.sort(key=lambda r: r["length"])
       lengths = [r["length"] for r in points]
       style = ":" if model.startswith("peer:") else styles[scope]
-      label = f"{model} ({scope})"
-      color, marker = colors.get(model), "s" if scope == "encoder" else "o"
+      label = f"{model} ({scope}{f', batch {batch}' if len(batches) > 1 else ''})"
+      color, marker = colors.get(model), markers[scope]
       axes[0][column].plot(
           lengths, [r["ms"] for r in points], style, color=color, marker=marker, label=label
       )
