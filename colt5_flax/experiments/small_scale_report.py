@@ -137,6 +137,20 @@ def router_study(records: Mapping[str, Any], seeds: Sequence[int], row: str = "l
   return {"row": row, "shares": shares, "overlap": overlap, "chance": first["chance"]}
 
 
+def mean_loss_curves(records: Mapping[str, Any], rows, seeds: Sequence[int]) -> dict:
+  """Per routing row, its training loss by step, averaged over the seeds that logged it."""
+  curves = {}
+  for row in rows:
+    by_step: dict[int, list] = {}
+    for seed in seeds:
+      record = records.get(f"train-{row.name}-seed{seed}")
+      for step, loss in record["result"]["learning_curves"]["loss"] if record else ():
+        by_step.setdefault(int(step), []).append(loss)
+    if by_step:
+      curves[row.label] = [(step, float(np.mean(v))) for step, v in sorted(by_step.items())]
+  return curves
+
+
 def write(output_dir: epath.Path, records: Mapping[str, Any], jobs,
           study: Mapping[str, Any]) -> dict[str, Any]:
   """Writes results.json, results.md and the figures; returns the results."""
@@ -151,6 +165,7 @@ def write(output_dir: epath.Path, records: Mapping[str, Any], jobs,
       "routing_ablations": routing_ablations(records, routing_rows, seeds),
       "length": length_study(records, jobs),
       "router_analysis": router_study(records, seeds),
+      "learning_curves": mean_loss_curves(records, routing_rows, seeds),
       "jobs": {name: {k: v for k, v in record.items() if k != "result"}
                for name, record in records.items()},
   }
@@ -240,6 +255,18 @@ def plot(results: Mapping[str, Any], output_dir: epath.Path) -> None:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     demo_report._save(fig, output_dir / "ablations.png")  # noqa: SLF001
+    plt.close(fig)
+  curves = results.get("learning_curves", {})
+  if curves:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, points in curves.items():
+      ax.plot(*zip(*points, strict=True), label=label)
+    ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log",
+           title="Training loss of every routing row")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    demo_report._save(fig, output_dir / "learning.png")  # noqa: SLF001
     plt.close(fig)
   length = results["length"]
   if length["exact_match"] or length["training_speed"]:
