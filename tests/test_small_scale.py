@@ -109,6 +109,8 @@ def test_verdicts_against_hand_computed_statistics():
   assert out["shared_qkv"]["direction"] == "did not hold"
   assert out["m_double"]["direction"].startswith("inconclusive")
   assert out["static"]["seeds"][2]["command"] == "cmd static 2"
+  one_seed = small_scale_report.routing_ablations(records, [rows["learned"], rows["static"]], [0])
+  assert one_seed[1]["direction"].startswith("inconclusive (one seed")
 
 
 @pytest.fixture(scope="module")

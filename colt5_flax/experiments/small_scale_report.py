@@ -44,8 +44,10 @@ def _stats(values: Sequence[float | None]) -> dict[str, Any]:
   return {"mean": float(np.mean(values)), "std": std, "n": len(values), "values": values}
 
 
-def _direction(change: float, standard_error: float, expected: str) -> str:
+def _direction(change: float, standard_error: float, expected: str, seeds: int) -> str:
   """'held', 'did not hold' or 'inconclusive', for our change against the expected sign."""
+  if seeds < 2:
+    return "inconclusive (one seed: no spread to compare with)"
   resolved = abs(change) > 2 * standard_error
   if expected == "none":
     return "held" if not resolved else "did not hold"
@@ -85,7 +87,7 @@ def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) ->
     else:
       expected = EXPECTED_WITHOUT_PAPER.get(entry["row"], "none")
     entry["expected"] = expected
-    entry["direction"] = _direction(change, error, expected)
+    entry["direction"] = _direction(change, error, expected, min(a["n"], b["n"]))
   return out
 
 
