@@ -255,6 +255,7 @@ def test_inference_decodes_as_predict_batch_and_an_uncached_loop(whole_model_rep
   benchmark suppresses) and a plain greedy loop that reruns the whole decoder over the
   prefix at each step, without the KV cache, with the EOS logit removed."""
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
   rows, _ = whole_model_report
@@ -267,7 +268,7 @@ def test_inference_decodes_as_predict_batch_and_an_uncached_loop(whole_model_rep
   encoder_tokens = batch["encoder_input_tokens"]
   apply = jax.jit(
       lambda decoder_input: module.apply(
-          {"params": params}, encoder_tokens, decoder_input, np.ones_like(decoder_input),
+          {"params": params}, encoder_tokens, decoder_input, jnp.ones_like(decoder_input),
           enable_dropout=False,
       )
   )
