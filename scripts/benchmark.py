@@ -112,7 +112,9 @@ _SCOPES = flags.DEFINE_list(
     "layer (one EncoderLayer), encoder, train_step (a whole model's training step) and/or "
     "inference (encode, then greedily decode --decode_length tokens).",
 )
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Encoder depth (default: the width's).")
+_NUM_LAYERS = flags.DEFINE_integer(
+    "num_layers", None, "Encoder depth of --scopes=encoder (default: the width's)."
+)
 _BATCH = flags.DEFINE_list("batch", ["1"], "Batch sizes (each a case).")
 _TARGET_LENGTH = flags.DEFINE_integer(
     "target_length", 512, "Target tokens per row of a train_step case."

@@ -122,8 +122,11 @@ def encoder_dims(kind: str, width: str):
 
 
 def depth(case: Case) -> int:
-  """Layers the case runs: 1 for a layer or a peer block, else the encoder's."""
-  if case.scope not in ("encoder", *WHOLE_MODEL_SCOPES):
+  """Encoder layers the case runs: 1 for a layer or a peer block, else the encoder's
+  (a whole model's always as its model file sets; `num_layers` is for 'encoder')."""
+  if case.scope in WHOLE_MODEL_SCOPES:
+    return encoder_dims(case.kind, case.width).num_layers
+  if case.scope != "encoder":
     return 1
   return case.num_layers or encoder_dims(case.kind, case.width).num_layers
 
