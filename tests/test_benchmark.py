@@ -21,8 +21,10 @@ REQUIRED = (
 KINDS = {"colt5", "longt5_tglobal", "longt5_local", "t5"}
 
 
-def _run(tmp_path, *flags, timeout=240):
+def _run(tmp_path, *flags, timeout=240, xla_flags=None):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
   done = subprocess.run(
       [sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout,
       cwd=ROOT, env=env, check=False,
@@ -185,7 +187,10 @@ def _case(scope, kind):
 @pytest.fixture(scope="module")
 def whole_model_report(tmp_path_factory):
   out = tmp_path_factory.mktemp("whole_model")
-  done = _run(out, *WHOLE_MODEL_FLAGS, f"--json={out / 'report.json'}", timeout=1800)
+  # XLA's backend unoptimised: these check the machinery and the values (compiled either
+  # way), and compiling four whole models is most of their time.
+  done = _run(out, *WHOLE_MODEL_FLAGS, f"--json={out / 'report.json'}", timeout=1800,
+              xla_flags="--xla_backend_optimization_level=0")
   assert done.returncode == 0, done.stderr[-3000:]
   with open(out / "report.json", encoding="utf-8") as f:
     rows = json.load(f)["results"]

@@ -88,7 +88,9 @@ def test_curriculum_stages_end_at_their_share_of_train_steps():
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
   model_dir = tmp_path / "demo"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  # One device; XLA's backend unoptimised: this checks the pipeline, and compiling is
+  # most of its time.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
   command = [
       sys.executable, "-m", "colt5_flax.demo",
       f"--model_dir={model_dir}",
