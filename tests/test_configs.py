@@ -328,6 +328,12 @@ def _check_demo_checkpoints(kwargs, parts):
   assert kwargs["train_steps"] == 6500  # the shipped checkpoints' run (docs/demo.md)
 
 
+def _check_small_scale(kwargs, parts):
+  _check_demo(kwargs, parts)
+  # The study's budget (docs/small_scale.md): make demo's live steps, an evaluation per stage.
+  assert kwargs["train_steps"] == 1600 and kwargs["eval_period"] == 800
+
+
 def _check_test_tiny(kwargs, parts):
   del kwargs, parts
 
@@ -368,6 +374,11 @@ RUN_CHECKS = {
         ["models/colt5_tiny.gin", "runs/demo.gin", "runs/demo_checkpoints.gin"],
         ["MODEL_DIR = '/tmp/run'"],
         {train_lib.train: _check_demo_checkpoints},
+    ),
+    "small_scale": (
+        ["models/colt5_tiny.gin", "runs/demo.gin", "runs/small_scale.gin"],
+        ["MODEL_DIR = '/tmp/run'"],
+        {train_lib.train: _check_small_scale},
     ),
     "test_tiny": (
         ["runs/test_tiny.gin"],
