@@ -229,11 +229,11 @@ def score(
   # Per router, per layer: [num_examples, k] (no entry for a router the model lacks).
   by_layer = {router: [np.concatenate(parts) for parts in zip(*batches, strict=True)]
               for router, batches in routed.items() if batches and batches[0]}
+  tokens = np.concatenate(tokens)
   if keep_routing:
-    result["_routing"] = {"tokens": np.concatenate(tokens), **by_layer}
+    result["_routing"] = {"tokens": tokens, **by_layer}
   if "kv" in by_layer and "q" in by_layer:
     kv_by_layer, q_by_layer = by_layer["kv"], by_layer["q"]
-    tokens = np.concatenate(tokens)
     facts = recall.fact_mask_for(tokens, num_values)
     answer = recall.relevant_mask_for(tokens, num_values)
     question = recall.question_mask_for(tokens, num_values)

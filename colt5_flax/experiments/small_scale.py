@@ -157,10 +157,6 @@ def plan(
 # --------------------------------------------------------------------------------- jobs
 
 
-def _finished_step(model_dir: epath.Path) -> int:
-  return demo._checkpointed_step(model_dir)  # noqa: SLF001 -- the demo's own resume rule
-
-
 def row_dir(output_dir: epath.Path, row: str, seed: int) -> epath.Path:
   return output_dir / "runs" / row / f"seed{seed}"
 
@@ -246,7 +242,7 @@ def run_job(job: Job, output_dir: epath.Path, user_bindings: Sequence[str]) -> d
               "demo_command": demo_command(row, job.seed, model_dir, user_bindings)}
   elif job.kind == "score":
     model_dir = row_dir(output_dir, job.row, job.seed)
-    if not _finished_step(model_dir):
+    if not demo._checkpointed_step(model_dir):  # noqa: SLF001 -- the demo's resume rule
       raise FileNotFoundError(f"{job.name}: no trained checkpoint in {model_dir}")
     score = demo.score_checkpoint(
         list(row.gin_files), model_dir, [*bindings, f"DEMO_EVAL_LENGTH = {job.length}"],
@@ -304,9 +300,14 @@ def _study_args() -> list[str]:
           *(f"--gin_bindings={b}" for b in FLAGS.gin_bindings)]
 
 
+def _job_argv(job: Job, python: str = "python") -> list[str]:
+  """The command that runs just `job`, in this process (a worker's command)."""
+  return [python, "-m", "colt5_flax.experiments.small_scale", *_study_args(),
+          f"--only={job.name}", "--workers=0"]
+
+
 def job_command(job: Job) -> str:
-  return shlex.join(["python", "-m", "colt5_flax.experiments.small_scale", *_study_args(),
-                     f"--only={job.name}", "--workers=0"])
+  return shlex.join(_job_argv(job))
 
 
 def _execute(job: Job, output_dir: epath.Path, user_bindings: Sequence[str],
@@ -327,10 +328,9 @@ def _execute(job: Job, output_dir: epath.Path, user_bindings: Sequence[str],
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
   log = output_dir / "logs" / f"{job.name}.log"
   log.parent.mkdir(parents=True, exist_ok=True)
-  argv = [sys.executable, "-m", "colt5_flax.experiments.small_scale", *_study_args(),
-          f"--only={job.name}", "--workers=0"]
   with log.open("w") as out:
-    code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    code = subprocess.run(_job_argv(job, sys.executable), stdout=out,
+                          stderr=subprocess.STDOUT, env=env).returncode
   if code:
     raise RuntimeError(f"{job.name} failed (exit {code}); its log: {log}")
   record = json.loads(_job_path(output_dir, job).read_text())
