@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 
+import gin
 import numpy as np
 import pytest
 from etils import epath
 
+from colt5_flax import demo, gin_utils
 from colt5_flax.data import recall
 from colt5_flax.experiments import small_scale, small_scale_report
 
+CONFIGS = str(epath.Path(small_scale.__file__).parents[2] / "configs")
 CONFIG = recall.RecallConfig(
     input_length=256, num_facts=4, num_keys=16, num_values=8, min_question_distance=40
 )
@@ -42,6 +45,28 @@ def test_every_row_names_gin_files_that_exist():
   for row in (*small_scale.ROUTING_ROWS, *small_scale.LENGTH_ROWS.values()):
     for name in row.gin_files:
       assert (configs / name).exists(), (row.name, name)
+
+
+@pytest.mark.parametrize("row, factor", [("learned", 16.0), ("learned_at_capacity", 1.0),
+                                         ("static", 1.0), ("random", 1.0),
+                                         ("static_curriculum", 16.0)])
+def test_the_rows_train_their_last_stage_at_the_capacity_they_say(row, factor):
+  """Static and random routing have no router scores to learn: they must meet their own
+  selection while training, not every token (the curriculum's factor for learned routers)."""
+  from colt5_flax.layers import routing
+
+  row = {r.name: r for r in small_scale.ROUTING_ROWS}[row]
+  base = ["MODEL_DIR = '/unused'", *small_scale._bindings(row, 0, [])]  # noqa: SLF001
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin_flags([CONFIGS], row.gin_files, base, finalize_config=False)
+    last = gin.get_configurable(demo.curriculum)()[-1]
+    gin_utils.parse_gin_flags([CONFIGS], row.gin_files, [*base, *last.bindings],
+                              finalize_config=False)
+    assert gin.get_configurable(routing.RoutingCapacity)().train_capacity_factor == factor
+  finally:
+    gin.clear_config()
+  assert (row.name in small_scale.DEFAULT_ROWS) == (not row.name.endswith("_curriculum"))
 
 
 def test_router_analysis_matches_a_count_by_hand():
@@ -92,7 +117,8 @@ def test_verdicts_against_hand_computed_statistics():
                 "static": [0.2, 0.3, 0.25],        # far lower: the paper's direction
                 "kv_all": [0.8, 0.75, 0.85],       # unchanged, as the paper's v = all
                 "shared_qkv": [0.95, 0.96, 0.97],  # higher, the paper says lower
-                "m_double": [0.2, 0.99, 0.6]}      # too spread to say
+                "m_double": [0.2, 0.99, 0.6],      # too spread to say
+                "learned_at_capacity": [0.1, 0.2, 0.3]}  # not a paper direction
   records = {f"train-{row}-seed{s}": _record(row, s, a)
              for row, values in accuracies.items() for s, a in enumerate(values)}
   out = {e["row"]: e for e in small_scale_report.routing_ablations(
@@ -109,6 +135,9 @@ def test_verdicts_against_hand_computed_statistics():
   assert out["shared_qkv"]["direction"] == "did not hold"
   assert out["m_double"]["direction"].startswith("inconclusive")
   assert out["static"]["seeds"][2]["command"] == "cmd static 2"
+  control = out["learned_at_capacity"]
+  assert control["change_vs_learned"]["exact_match"] == pytest.approx(0.2 - 0.8)
+  assert "direction" not in control and "expected" not in control
   one_seed = small_scale_report.routing_ablations(records, [rows["learned"], rows["static"]], [0])
   assert one_seed[1]["direction"].startswith("inconclusive (one seed")
 

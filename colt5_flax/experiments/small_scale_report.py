@@ -29,7 +29,8 @@ PAPER_TABLE6 = {
 }
 # What the paper's argument predicts for rows it has no number for (§4.5: learned routing
 # beats capacity spent on arbitrary tokens; the heavy branch is what routing feeds).
-EXPECTED_WITHOUT_PAPER = {"random": "lower", "no_heavy": "lower"}
+# Rows in neither (learned_at_capacity: how the demo trains routers) get no verdict.
+EXPECTED_WITHOUT_PAPER = {"random": "lower", "random_curriculum": "lower", "no_heavy": "lower"}
 # |Table 6 change| below this (points of the average) counts as "no change".
 PAPER_NO_CHANGE = 0.3
 METRICS = ("accuracy", "final_loss", "router_recall", "router_recall_answer", "question_recall",
@@ -84,8 +85,10 @@ def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) ->
       expected = ("none" if abs(paper) < PAPER_NO_CHANGE else "lower" if paper < 0
                   else "higher")
       entry["paper"] = {**PAPER_TABLE6[entry["paper_row"]], "change": round(paper, 2)}
+    elif entry["row"] in EXPECTED_WITHOUT_PAPER:
+      expected = EXPECTED_WITHOUT_PAPER[entry["row"]]
     else:
-      expected = EXPECTED_WITHOUT_PAPER.get(entry["row"], "none")
+      continue
     entry["expected"] = expected
     entry["direction"] = _direction(change, error, expected, min(a["n"], b["n"]))
   return out
