@@ -38,21 +38,31 @@ def test_routed_indices_by_layer_reads_plain_and_scanned_stacks():
 
 
 @pytest.mark.parametrize(
-    "bindings, num_facts, num_values, input_length",
+    "files, stage, bindings, num_facts, num_values, input_length",
     [
-        ([], 4, 8, 2048),  # demo.gin's defaults
-        (["DEMO_NUM_FACTS = 3", "DEMO_NUM_VALUES = 5", "DEMO_INPUT_LENGTH = 512"], 3, 5, 512),
+        ((), None, [], 16, 8, 2048),  # demo.gin's task: scored, and the second stage's
+        ((), 0, [], 4, 8, 64),  # the first stage: 4 facts on 64 tokens
+        ((), 1, [], 16, 8, 128),
+        ((), None, ["DEMO_NUM_FACTS = 3", "DEMO_NUM_VALUES = 5", "DEMO_INPUT_LENGTH = 512"],
+         3, 5, 512),
+        (("runs/small_scale.gin",), None, [], 4, 8, 2048),  # the study's task
+        (("runs/demo_checkpoints.gin",), 0, [], 4, 8, 64),
     ],
 )
 def test_demo_task_knobs_reach_the_task_and_the_lengths(
-    bindings, num_facts, num_values, input_length
+    files, stage, bindings, num_facts, num_values, input_length
 ):
   gin.clear_config()
+  files = ["models/colt5_tiny.gin", "runs/demo.gin", *files]
+  bindings = ["MODEL_DIR = '/tmp/unused'", *bindings]
   try:
-    gin_utils.parse_gin_flags(
-        [str(REPO / "configs")], ["models/colt5_tiny.gin", "runs/demo.gin"],
-        ["MODEL_DIR = '/tmp/unused'", *bindings],
-    )
+    if stage is not None:  # The stage's bindings after the user's, as demo.train_curriculum.
+      gin_utils.parse_gin_flags([str(REPO / "configs")], files, bindings,
+                                finalize_config=False)
+      chosen = gin.get_configurable(demo.curriculum)()[stage]
+      bindings = [*bindings, *chosen.bindings, f"DEMO_INPUT_LENGTH = {chosen.input_length}"]
+      gin.clear_config()
+    gin_utils.parse_gin_flags([str(REPO / "configs")], files, bindings)
     kwargs = gin.get_bindings(train_lib.train)  # references evaluated: registers the task
     assert kwargs["task_feature_lengths"] == {"inputs": input_length, "targets": 2}
     task = seqio.get_mixture_or_task(kwargs["mixture_or_task_name"])
