@@ -120,7 +120,7 @@ def test_demo_end_to_end(tmp_path):
   summary = json.loads((model_dir / "summary.json").read_text())
   assert summary["steps"] == 2 and summary["steps_this_run"] == 2
   assert summary["eval_length"] == 256 and summary["chance_accuracy"] == 1 / 8
-  # 4 examples: each fraction is a multiple of 1/4 (of fact tokens: 1/16).
+  # 4 examples: each fraction is a multiple of 1/4.
   assert summary["accuracy"] * 4 == round(summary["accuracy"] * 4)
   assert summary["question_recall"] * 4 == round(summary["question_recall"] * 4)
   assert 0.0 <= summary["router_recall"] <= 1.0

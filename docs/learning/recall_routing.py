@@ -30,6 +30,7 @@ p.add_argument("--length", type=int, default=2048)
 p.add_argument("--lengths", default="", help="'128:300,512:600' then --length")
 p.add_argument("--batches", default="", help="batch per length '128:32,512:8'")
 p.add_argument("--facts", type=int, default=4)
+p.add_argument("--facts_by_length", default="", help="facts per length '64:4,128:16'")
 p.add_argument("--steps", type=int, default=400)
 p.add_argument("--batch", type=int, default=8)
 p.add_argument("--lr", type=float, default=1e-3)
@@ -52,12 +53,14 @@ MARK = VAL0 + args.nval; QMARK = MARK + 1
 FACT0 = QMARK + 1  # single: fact id = FACT0 + key * nval + value
 lcur = [tuple(map(int, x.split(":"))) for x in args.lengths.split(",") if x]
 bsz = dict(tuple(map(int, x.split(":"))) for x in args.batches.split(",") if x)
+facts_at = dict(tuple(map(int, x.split(":"))) for x in args.facts_by_length.split(",") if x)
 def length_at(s):
   for n, u in lcur:
     if s <= u: return n
   return args.length
 
-def make_batch(rng, n, L, nf=args.facts):
+def make_batch(rng, n, L, nf=None):
+  nf = nf or facts_at.get(L, args.facts)
   enc = rng.integers(FILL0, FILL0 + args.nfill, size=(n, L)).astype(np.int32)
   fm = np.zeros((n, L), np.int32); am = np.zeros((n, L), np.int32); qpos = np.zeros(n, np.int32)
   tgt = np.zeros((n, 2), np.int32)
