@@ -108,12 +108,12 @@ def test_ff_all_padding_row_is_finite():
   module = _ff()
   x = np.ones((1, LENGTH, EMBED), np.float32)
   mask = np.zeros((1, LENGTH), bool)
-  variables = module.init(jax.random.PRNGKey(0), x, mask=mask)
+  variables = jax.jit(module.init)(jax.random.PRNGKey(0), x, mask=mask)
 
   def loss(params):
     return jnp.sum(module.apply({"params": params}, x, mask=mask) ** 2)
 
-  value, grads = jax.value_and_grad(loss)(variables["params"])
+  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
   assert np.isfinite(value)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
@@ -308,8 +308,8 @@ def test_gradients_reach_every_router(inputs, tables):
   x, mask = inputs
   attn = _attention()
   ff = _ff()
-  attn_vars = attn.init(jax.random.PRNGKey(7), x, tables=_tables(tables), mask=mask)
-  ff_vars = ff.init(jax.random.PRNGKey(8), x, mask=mask)
+  attn_vars = jax.jit(attn.init)(jax.random.PRNGKey(7), x, tables=_tables(tables), mask=mask)
+  ff_vars = jax.jit(ff.init)(jax.random.PRNGKey(8), x, mask=mask)
   target = np.random.default_rng(9).normal(size=x.shape)
 
   def loss(attn_params, ff_params):
@@ -317,7 +317,10 @@ def test_gradients_reach_every_router(inputs, tables):
     y = y + ff.apply({"params": ff_params}, x, mask=mask)
     return jnp.sum((y - target) ** 2)
 
-  grads = _unbox(jax.grad(loss, argnums=(0, 1))(attn_vars["params"], ff_vars["params"]))
+  # Compiled whole: op by op, the backward pass took most of this file's time.
+  grads = _unbox(
+      jax.jit(jax.grad(loss, argnums=(0, 1)))(attn_vars["params"], ff_vars["params"])
+  )
   for g in (grads[0]["query_router"], grads[0]["kv_router"], grads[1]["router"]):
     norm = np.linalg.norm(g["router_weights"])
     assert np.isfinite(norm) and norm > 1e-6
@@ -381,11 +384,13 @@ def test_shared_router_takes_the_highest_scored_queries_despite_saturated_ties()
       "light_relpos_bias": np.zeros((1, 32), np.float32),
       "heavy_relpos_bias": np.zeros((2, 32), np.float32),
   }
-  variables = module.init(jax.random.PRNGKey(0), x, tables=_tables(tables))
+  variables = jax.jit(module.init)(jax.random.PRNGKey(0), x, tables=_tables(tables))
   u = (60.0 * rng.normal(size=(EMBED,))).astype(np.float32)
   params = nn.meta.unbox(variables["params"])
   params["router"]["router_weights"] = jnp.asarray(u)
-  _, state = module.apply({"params": params}, x, tables=_tables(tables), mutable=["intermediates"])
+  _, state = jax.jit(functools.partial(module.apply, mutable=["intermediates"]))(
+      {"params": params}, x, tables=_tables(tables)
+  )
   q_idx = np.asarray(state["intermediates"]["q_routed_indices"][0])
   kv_idx = np.asarray(state["intermediates"]["kv_routed_indices"][0])
   scores = x.astype(np.float64) @ u
