@@ -116,7 +116,9 @@ def test_verdicts_against_hand_computed_statistics():
   accuracies = {"learned": [0.7, 0.8, 0.9],        # mean 0.8, sd 0.1
                 "static": [0.2, 0.3, 0.25],        # far lower: the paper's direction
                 "kv_all": [0.8, 0.75, 0.85],       # unchanged, as the paper's v = all
-                "shared_qkv": [0.95, 0.96, 0.97],  # higher, the paper says lower
+                "shared_qkv": [0.85, 0.95, 1.0],   # higher, the paper says lower
+                "m_half": [0.65, 0.75, 0.85],      # 0.05 lower in every seed: only pairing
+                                                   # resolves it (unpaired s.e. 0.08)
                 "m_double": [0.2, 0.99, 0.6],      # too spread to say
                 "learned_at_capacity": [0.1, 0.2, 0.3]}  # not a paper direction
   records = {f"train-{row}-seed{s}": _record(row, s, a)
@@ -130,7 +132,17 @@ def test_verdicts_against_hand_computed_statistics():
   assert static["change_vs_learned"]["standard_error"] == pytest.approx(
       math.sqrt(0.1**2 / 3 + 0.05**2 / 3))
   assert static["paper"]["change"] == pytest.approx(40.5 - 42.5)
+  # Same-seed differences -0.5, -0.5, -0.65: mean -0.55, sd 0.0866, s.e. 0.05; Student's
+  # t for 2 degrees of freedom at 97.5% is 4.303 (a t table).
+  paired = static["paired_change_vs_learned"]
+  assert paired["differences"] == pytest.approx([-0.5, -0.5, -0.65])
+  assert paired["mean"] == pytest.approx(-0.55) and paired["lower_in"] == 3
+  assert paired["standard_error"] == pytest.approx(0.05)
+  assert paired["margin_95"] == pytest.approx(4.303 * 0.05, rel=1e-3)
   assert static["direction"] == "held"
+  assert out["m_half"]["direction"] == "held"
+  assert out["m_half"]["change_vs_learned"]["standard_error"] == pytest.approx(
+      math.sqrt(0.1**2 / 3 + 0.1**2 / 3))
   assert out["kv_all"]["expected"] == "none" and out["kv_all"]["direction"] == "held"
   assert out["shared_qkv"]["direction"] == "did not hold"
   assert out["m_double"]["direction"].startswith("inconclusive")

@@ -45,16 +45,36 @@ def _stats(values: Sequence[float | None]) -> dict[str, Any]:
   return {"mean": float(np.mean(values)), "std": std, "n": len(values), "values": values}
 
 
-def _direction(change: float, standard_error: float, expected: str, seeds: int) -> str:
-  """'held', 'did not hold' or 'inconclusive', for our change against the expected sign."""
+def _direction(change: float, margin: float, expected: str, seeds: int) -> str:
+  """'held', 'did not hold' or 'inconclusive', for our change against the expected sign;
+  `margin` is the half-width of the change's 95% confidence interval."""
   if seeds < 2:
     return "inconclusive (one seed: no spread to compare with)"
-  resolved = abs(change) > 2 * standard_error
+  resolved = abs(change) > margin
   if expected == "none":
     return "held" if not resolved else "did not hold"
   if not resolved:
-    return "inconclusive (within 2 standard errors over seeds)"
+    return "inconclusive (within the 95% interval over seeds)"
   return "held" if (change < 0) == (expected == "lower") else "did not hold"
+
+
+def paired_change(row_runs: Mapping[int, float], learned_runs: Mapping[int, float]) -> dict:
+  """The change against the learned row over the seeds both ran, seed by seed.
+
+  A seed fixes the initialisation and the order of the training data for every row, and
+  the held-out inputs are the same, so differences of the same seed cancel what the seed
+  does to every row alike. The interval is Student's t over the seeds' differences.
+  """
+  from scipy import stats
+
+  seeds = sorted(set(row_runs) & set(learned_runs))
+  differences = [row_runs[s] - learned_runs[s] for s in seeds]
+  n = len(differences)
+  mean = float(np.mean(differences)) if n else math.nan
+  error = float(np.std(differences, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+  margin = float(stats.t.ppf(0.975, n - 1) * error) if n > 1 else math.nan
+  return {"mean": mean, "standard_error": error, "margin_95": margin, "seeds": seeds,
+          "differences": differences, "lower_in": sum(d < 0 for d in differences)}
 
 
 def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) -> list[dict]:
@@ -80,6 +100,9 @@ def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) ->
     change = a["mean"] - b["mean"]
     error = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
     entry["change_vs_learned"] = {"exact_match": change, "standard_error": error}
+    paired = paired_change(*({s["seed"]: s["accuracy"] for s in e["seeds"]
+                              if s["accuracy"] is not None} for e in (entry, learned)))
+    entry["paired_change_vs_learned"] = paired
     if entry["paper_row"] in PAPER_TABLE6:
       paper = PAPER_TABLE6[entry["paper_row"]]["average"] - PAPER_TABLE6["Baseline"]["average"]
       expected = ("none" if abs(paper) < PAPER_NO_CHANGE else "lower" if paper < 0
@@ -90,7 +113,8 @@ def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) ->
     else:
       continue
     entry["expected"] = expected
-    entry["direction"] = _direction(change, error, expected, min(a["n"], b["n"]))
+    entry["direction"] = _direction(paired["mean"], paired["margin_95"], expected,
+                                    len(paired["seeds"]))
   return out
 
 
@@ -196,15 +220,18 @@ def markdown(results: Mapping[str, Any]) -> str:
            f"{study['machine']['cores']} cores; commit {study['git_commit']}.", "",
            "## Routing ablations (exact match at the demo's evaluation length; mean ± sd over "
            "seeds)", "",
-           "| row | exact match | Δ vs learned | final training loss | k/v recall (facts) | "
-           "question routed | paper Table 6 avg (Δ) | direction | steps | wall s per seed |",
+           "| row | exact match | Δ vs learned, same seeds (95% interval) | "
+           "final training loss | k/v recall (facts) | question routed | "
+           "paper Table 6 avg (Δ) | direction | steps | wall s per seed |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for e in results["routing_ablations"]:
     change = e.get("change_vs_learned")
     paper = e.get("paper")
     steps = sorted({s["steps"] for s in e["seeds"]})
-    change_text = (f"{change['exact_match']:+.3f} ± {change['standard_error']:.3f}"
-                   if change else "–")
+    paired = e.get("paired_change_vs_learned")
+    change_text = (f"{paired['mean']:+.3f} ± {paired['margin_95']:.3f} (lower in "
+                   f"{paired['lower_in']}/{len(paired['seeds'])})"
+                   if change and len(paired["seeds"]) > 1 else "–")
     paper_text = f"{paper['average']} ({paper['change']:+.1f})" if paper else "–"
     lines.append(
         f"| {e['label']} | {_pm(e['accuracy'])} | {change_text} | "
