@@ -328,6 +328,11 @@ def _check_demo_checkpoints(kwargs, parts):
   assert kwargs["train_steps"] == 6500  # the shipped checkpoints' run (docs/demo.md)
 
 
+def _check_demo_16_facts(kwargs, parts):
+  _check_demo(kwargs, parts)
+  assert kwargs["train_steps"] == 8000  # its first full run (docs/learning.md §5)
+
+
 def _check_small_scale(kwargs, parts):
   _check_demo(kwargs, parts)
   # The study's budget (docs/small_scale.md): make demo's live steps, an evaluation per stage.
@@ -374,6 +379,11 @@ RUN_CHECKS = {
         ["models/colt5_tiny.gin", "runs/demo.gin", "runs/demo_checkpoints.gin"],
         ["MODEL_DIR = '/tmp/run'"],
         {train_lib.train: _check_demo_checkpoints},
+    ),
+    "demo_16_facts": (
+        ["models/colt5_tiny.gin", "runs/demo.gin", "runs/demo_16_facts.gin"],
+        ["MODEL_DIR = '/tmp/run'"],
+        {train_lib.train: _check_demo_16_facts},
     ),
     "small_scale": (
         ["models/colt5_tiny.gin", "runs/demo.gin", "runs/small_scale.gin"],

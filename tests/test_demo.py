@@ -40,13 +40,14 @@ def test_routed_indices_by_layer_reads_plain_and_scanned_stacks():
 @pytest.mark.parametrize(
     "files, stage, bindings, num_facts, num_values, input_length",
     [
-        ((), None, [], 16, 8, 2048),  # demo.gin's task: scored, and the second stage's
-        ((), 0, [], 4, 8, 64),  # the first stage: 4 facts on 64 tokens
-        ((), 1, [], 16, 8, 128),
+        ((), None, [], 4, 8, 2048),  # demo.gin's task
         ((), None, ["DEMO_NUM_FACTS = 3", "DEMO_NUM_VALUES = 5", "DEMO_INPUT_LENGTH = 512"],
          3, 5, 512),
         (("runs/small_scale.gin",), None, [], 4, 8, 2048),  # the study's task
-        (("runs/demo_checkpoints.gin",), 0, [], 4, 8, 64),
+        # 16 facts, one per key: 4 in the first stage (64 tokens), then 16.
+        (("runs/demo_16_facts.gin",), None, [], 16, 8, 2048),
+        (("runs/demo_16_facts.gin",), 0, [], 4, 8, 64),
+        (("runs/demo_16_facts.gin",), 1, [], 16, 8, 128),
     ],
 )
 def test_demo_task_knobs_reach_the_task_and_the_lengths(
