@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.0",
     "rouge-score>=0.1.2",
+    # Student's t of the small-scale study's report (jax requires it too).
+    "scipy>=1.13",
     "seqio>=0.0.20",
     "sentencepiece>=0.2.0",
     # clu's metric writers import it without declaring it.
