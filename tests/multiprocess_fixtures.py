@@ -46,22 +46,11 @@ def free_port() -> int:
 
 
 def process_env(num_devices: int, compilation_cache_dir: str | None) -> dict[str, str]:
-  """One process's environment: `num_devices` CPU devices, quiet TF, a shared compile cache."""
-  env = dict(os.environ)
-  env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-      TF_CPP_MIN_LOG_LEVEL="2",
-      CUDA_VISIBLE_DEVICES="",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-  )
-  if compilation_cache_dir:
-    env.update(
-        JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-  return env
+  """One process's environment: `num_devices` CPU devices, quiet TF, a shared compile cache,
+  and the suite's other XLA flags (tests/conftest.py), as every CLI subprocess gets it."""
+  from tests import trainer_fixtures
+
+  return trainer_fixtures.subprocess_env(compilation_cache_dir, num_devices)
 
 
 @dataclasses.dataclass

@@ -297,6 +297,7 @@ def test_train_step_loss_is_the_cross_entropy_of_the_initial_model(whole_model_r
   """The first step's loss equals T5's loss (cross-entropy + 1e-4 log²Z, mean over the
   target tokens) of the initial parameters on the same batch, computed here in float64
   from the network's logits."""
+  import jax
   import numpy as np
 
   rows, _ = whole_model_report
@@ -304,11 +305,14 @@ def test_train_step_loss_is_the_cross_entropy_of_the_initial_model(whole_model_r
   trainer, model = whole_model.build_trainer(_case("train_step", "colt5"))
   params = trainer.create_state().params
   batch = whole_model.train_batch(_case("train_step", "colt5"), model.module.vocab_size)
+  # One compiled forward pass (op by op, the network took most of this test's time).
   logits = np.asarray(
-      model.module.apply(
-          {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-          batch["decoder_target_tokens"], enable_dropout=False,
-      ),
+      jax.jit(
+          lambda params, batch: model.module.apply(
+              {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+              batch["decoder_target_tokens"], enable_dropout=False,
+          )
+      )(params, batch),
       np.float64,
   )
   top = logits.max(-1, keepdims=True)
