@@ -113,6 +113,16 @@ def curriculum(
   return result
 
 
+def stage_bindings(base: Sequence[str], stage: Stage, total_steps: int) -> list[str]:
+  """The bindings one stage trains with: `base` (MODEL_DIR and the user's), then the
+  stage's own (so they win), then its steps, schedule, input length and batch."""
+  return [
+      *base, *stage.bindings, f"TRAIN_STEPS = {stage.last_step}",
+      f"SCHEDULE_STEPS = {total_steps}", f"DEMO_INPUT_LENGTH = {stage.input_length}",
+      f"BATCH_SIZE = {stage.batch_size}",
+  ]
+
+
 def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.clear_config()
   gin_utils.parse_gin_flags(FLAGS.gin_search_paths, gin_files, bindings, finalize_config=False)
@@ -287,11 +297,7 @@ def train_curriculum(
   total_steps = stages[-1].last_step
   seconds = 0.0
   for stage in stages:
-    _configure(gin_files, [
-        *base, *stage.bindings, f"TRAIN_STEPS = {stage.last_step}",
-        f"SCHEDULE_STEPS = {total_steps}", f"DEMO_INPUT_LENGTH = {stage.input_length}",
-        f"BATCH_SIZE = {stage.batch_size}",
-    ])
+    _configure(gin_files, stage_bindings(base, stage, total_steps))
     train_fn = _configured(train_lib.train)
     gin.finalize()
     logging.info("Curriculum stage to step %d: %s", stage.last_step, stage)

@@ -57,11 +57,11 @@ def test_demo_task_knobs_reach_the_task_and_the_lengths(
   files = ["models/colt5_tiny.gin", "runs/demo.gin", *files]
   bindings = ["MODEL_DIR = '/tmp/unused'", *bindings]
   try:
-    if stage is not None:  # The stage's bindings after the user's, as demo.train_curriculum.
+    if stage is not None:  # The bindings demo.train_curriculum trains that stage with.
       gin_utils.parse_gin_flags([str(REPO / "configs")], files, bindings,
                                 finalize_config=False)
-      chosen = gin.get_configurable(demo.curriculum)()[stage]
-      bindings = [*bindings, *chosen.bindings, f"DEMO_INPUT_LENGTH = {chosen.input_length}"]
+      stages = gin.get_configurable(demo.curriculum)()
+      bindings = demo.stage_bindings(bindings, stages[stage], stages[-1].last_step)
       gin.clear_config()
     gin_utils.parse_gin_flags([str(REPO / "configs")], files, bindings)
     kwargs = gin.get_bindings(train_lib.train)  # references evaluated: registers the task

@@ -61,7 +61,8 @@ def test_the_rows_train_their_last_stage_at_the_capacity_they_say(row, factor):
   try:
     gin_utils.parse_gin_flags([CONFIGS], row.gin_files, base, finalize_config=False)
     last = gin.get_configurable(demo.curriculum)()[-1]
-    gin_utils.parse_gin_flags([CONFIGS], row.gin_files, [*base, *last.bindings],
+    gin_utils.parse_gin_flags([CONFIGS], row.gin_files,
+                              demo.stage_bindings(base, last, last.last_step),
                               finalize_config=False)
     assert gin.get_configurable(routing.RoutingCapacity)().train_capacity_factor == factor
   finally:

@@ -77,6 +77,10 @@ def paired_change(row_runs: Mapping[int, float], learned_runs: Mapping[int, floa
           "differences": differences, "lower_in": sum(d < 0 for d in differences)}
 
 
+def _accuracy_by_seed(entry: Mapping[str, Any]) -> dict[int, float]:
+  return {s["seed"]: s["accuracy"] for s in entry["seeds"] if s["accuracy"] is not None}
+
+
 def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) -> list[dict]:
   """Per routing row: metrics over seeds, the paper's number and the direction's verdict."""
   out = []
@@ -100,8 +104,7 @@ def routing_ablations(records: Mapping[str, Any], rows, seeds: Sequence[int]) ->
     change = a["mean"] - b["mean"]
     error = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
     entry["change_vs_learned"] = {"exact_match": change, "standard_error": error}
-    paired = paired_change(*({s["seed"]: s["accuracy"] for s in e["seeds"]
-                              if s["accuracy"] is not None} for e in (entry, learned)))
+    paired = paired_change(_accuracy_by_seed(entry), _accuracy_by_seed(learned))
     entry["paired_change_vs_learned"] = paired
     if entry["paper_row"] in PAPER_TABLE6:
       paper = PAPER_TABLE6[entry["paper_row"]]["average"] - PAPER_TABLE6["Baseline"]["average"]
