@@ -5,8 +5,8 @@ transient-global and CoLT5's routed heavy attention all call it, so masking, flo
 softmax and the no-NaN guarantee for rows that may attend to nothing live in one place.
 """
 
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -52,7 +52,25 @@ class EncoderAttention(Protocol):
 _MASK_VALUE = -1e10
 
 
-def dot_product_attention(
+class AttentionPart(NamedTuple):
+  """One part of a softmax whose keys are split in parts (e.g. a local window and global
+  tokens), before normalisation; `combine_attention_parts` joins the parts exactly.
+
+  Attributes:
+    out: float32 [*batch, q, heads, head_dim], Σ_k exp(logit_k − top) · v_k over the
+      part's allowed keys (attention dropout applied).
+    top: float32 [*batch, q, heads], the row's largest logit (no gradient flows through
+      it: the result does not depend on it).
+    total: float32 [*batch, q, heads], Σ_k exp(logit_k − top) over the allowed keys
+      (before dropout); 0 for a row with none.
+  """
+
+  out: jax.Array
+  top: jax.Array
+  total: jax.Array
+
+
+def attention_part(
     query,
     key,
     value,
@@ -63,30 +81,10 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     deterministic: bool = True,
     dtype: Dtype = jnp.float32,
-):
-  """softmax(q·kᵀ + bias) · v, with T5's conventions.
-
-  There is no 1/sqrt(head_dim) factor: T5 folds it into the query initialisation.
-  Query heads are split into `kv_heads` groups that share a key/value head, which covers
-  multi-head (kv_heads = heads), grouped and multi-query (kv_heads = 1) attention.
-
-  Args:
-    query: [*batch, q, heads, head_dim]. `*batch` may be several dims (batch, blocks).
-    key: [*batch, k, kv_heads, head_dim].
-    value: [*batch, k, kv_heads, head_dim].
-    bias: broadcastable to [*batch, heads, q, k]; added to the logits in float32.
-    mask: bool, broadcastable to [*batch, heads, q, k]; True where attending is allowed.
-      A query whose row is all False gets an output of exactly 0.
-    dropout_rng: PRNG key for attention-weight dropout.
-    dropout_rate: dropout on the attention weights (T5 applies it there), one mask per
-      (batch, head, key) shared by all queries, as t5x's T5.1.1 (blocked local attention:
-      per block).
-    deterministic: disables dropout.
-    dtype: dtype of the returned activations.
-
-  Returns:
-    [*batch, q, heads, head_dim] in `dtype`.
-  """
+) -> AttentionPart:
+  """Unnormalised attention of `query` to one part of its keys (shapes as
+  `dot_product_attention`); logits, max and sums in float32, the weights·values product
+  in `dtype` with float32 accumulation."""
   *batch_dims, q_len, num_heads, head_dim = query.shape
   k_len, num_kv_heads = key.shape[-3], key.shape[-2]
   if key.shape != value.shape:
@@ -109,10 +107,12 @@ def dot_product_attention(
     logits = logits + jnp.asarray(bias, jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, _MASK_VALUE)
-  weights = jax.nn.softmax(logits, axis=-1)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.exp(logits - top)
   if mask is not None:
-    # Rows with no allowed key would otherwise spread uniformly over masked keys.
+    # Masked keys weigh exactly 0, so a row with no allowed key sums to 0 (not NaN).
     weights = jnp.where(mask, weights, 0.0)
+  total = jnp.sum(weights, axis=-1)
   if not deterministic and dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng")
@@ -121,8 +121,80 @@ def dot_product_attention(
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   weights = jnp.asarray(weights, dtype).reshape(*batch_dims, num_kv_heads, groups, q_len, k_len)
-  out = jnp.einsum("...hgqk,...khd->...qhgd", weights, jnp.asarray(value, dtype))
-  return out.reshape(*batch_dims, q_len, num_heads, head_dim)
+  out = jnp.einsum(
+      "...hgqk,...khd->...qhgd",
+      weights,
+      jnp.asarray(value, dtype),
+      preferred_element_type=jnp.float32,
+  ).reshape(*batch_dims, q_len, num_heads, head_dim)
+  return AttentionPart(out, jnp.swapaxes(top[..., 0], -1, -2), jnp.swapaxes(total, -1, -2))
+
+
+def combine_attention_parts(parts: Sequence[AttentionPart], dtype: Dtype = jnp.float32):
+  """softmax over the keys of all `parts` · v: one shared max and one shared sum, so the
+  result equals attention over the parts' keys concatenated. [*batch, q, heads, head_dim]
+  in `dtype`; exactly 0 for a query with no allowed key in any part."""
+  top = parts[0].top
+  for part in parts[1:]:
+    top = jnp.maximum(top, part.top)
+  out, total = 0.0, 0.0
+  for part in parts:
+    scale = jnp.exp(part.top - top)
+    out = out + part.out * scale[..., None]
+    total = total + part.total * scale
+  out = out / jnp.where(total > 0.0, total, 1.0)[..., None]
+  return jnp.asarray(out, dtype)
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    bias=None,
+    mask=None,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    dtype: Dtype = jnp.float32,
+):
+  """softmax(q·kᵀ + bias) · v, with T5's conventions.
+
+  There is no 1/sqrt(head_dim) factor: T5 folds it into the query initialisation.
+  Query heads are split into `kv_heads` groups that share a key/value head, which covers
+  multi-head (kv_heads = heads), grouped and multi-query (kv_heads = 1) attention. The
+  weights are normalised after the product with the values (one division per output, not
+  per weight); `attention_part` and `combine_attention_parts` are the two halves.
+
+  Args:
+    query: [*batch, q, heads, head_dim]. `*batch` may be several dims (batch, blocks).
+    key: [*batch, k, kv_heads, head_dim].
+    value: [*batch, k, kv_heads, head_dim].
+    bias: broadcastable to [*batch, heads, q, k]; added to the logits in float32.
+    mask: bool, broadcastable to [*batch, heads, q, k]; True where attending is allowed.
+      A query whose row is all False gets an output of exactly 0.
+    dropout_rng: PRNG key for attention-weight dropout.
+    dropout_rate: dropout on the attention weights (T5 applies it there), one mask per
+      (batch, head, key) shared by all queries, as t5x's T5.1.1 (blocked local attention:
+      per block).
+    deterministic: disables dropout.
+    dtype: dtype of the returned activations.
+
+  Returns:
+    [*batch, q, heads, head_dim] in `dtype`.
+  """
+  part = attention_part(
+      query,
+      key,
+      value,
+      bias=bias,
+      mask=mask,
+      dropout_rng=dropout_rng,
+      dropout_rate=dropout_rate,
+      deterministic=deterministic,
+      dtype=dtype,
+  )
+  return combine_attention_parts([part], dtype)
 
 
 def make_attention_mask(query_mask, key_mask):

@@ -23,6 +23,8 @@ import numpy as np
 from colt5_flax.layers import attention, normalization
 
 Dtype = Any
+# Logits per chunk of TGlobal's global side (`_global_part`): 16 MiB of float32.
+_GLOBAL_CHUNK_ELEMENTS = 1 << 22
 
 
 def _pad_to_multiple(x, multiple: int, axis: int, pad_value):
@@ -378,49 +380,107 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
     global_inputs = self.global_input_layer_norm(global_aggregates(x, block_ids, num_globals))
     global_key, global_value = self.attention.project_key_value(global_inputs)
 
-    query, key, value = self._project_blocked(x)
-    num_blocks = query.shape[1]
+    query = self.attention.project_query(x)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key, value = self.attention.project_key_value(x)
+    rng = self.attention.dropout_rng(enable_dropout)
+    dropout = dict(dropout_rate=self.dropout_rate, deterministic=not enable_dropout,
+                   dtype=self.dtype)
 
-    def with_globals(window, side):
-      # Every block sees all globals: [batch, num_blocks, 3 * block_len + G, heads, dim].
-      side = jnp.broadcast_to(side[:, None], (batch, num_blocks, *side.shape[1:]))
-      return jnp.concatenate([window, jnp.asarray(side, window.dtype)], axis=2)
-
-    key = with_globals(key, global_key)
-    value = with_globals(value, global_value)
-
-    # Masks: [batch, num_blocks, block_len, 3 * block_len + G].
-    window_mask = local_window_mask(mask, segment_ids, block_len)
-    query_valid = split_into_blocks(mask, block_len, axis=1, pad_value=False)
-    side_mask = jnp.logical_and(query_valid[..., None], global_valid[:, None, None, :])
-    if segment_ids is not None:
-      query_segment = split_into_blocks(segment_ids, block_len, axis=1, pad_value=-1)
-      side_mask = jnp.logical_and(
-          side_mask, query_segment[..., None] == global_segment_ids[:, None, None, :]
-      )
-    full_mask = jnp.concatenate([window_mask, side_mask], axis=-1)[:, :, None]
-
-    # Bias: [batch, num_blocks, heads, block_len, 3 * block_len + G], or None.
-    bias = None
-    window_bias = self._window_bias(tables)
-    side_bias = None
-    if tables is not None:
-      query_block_ids = split_into_blocks(block_ids, block_len, axis=1, pad_value=-1)
-      side_relative = (
-          jnp.arange(num_globals, dtype=jnp.int32)[None, None, None, :]
-          - query_block_ids[..., None]
-      )
-      side_bias = tables.bias(self.global_table_name, self.num_heads, side_relative)
-    if window_bias is not None or side_bias is not None:
-      bias_shape = (batch, num_blocks, self.num_heads, block_len)
-      if window_bias is None:
-        window_bias = jnp.zeros((*bias_shape, 3 * block_len), jnp.float32)
-      window_bias = jnp.broadcast_to(window_bias, (*bias_shape, 3 * block_len))
-      if side_bias is None:
-        side_bias = jnp.zeros((*bias_shape, num_globals), jnp.float32)
-      bias = jnp.concatenate([window_bias, side_bias], axis=-1)
-
-    attended = self.attention.attend(
-        query, key, value, mask=full_mask, bias=bias, enable_dropout=enable_dropout
+    # One softmax over two parts of the keys (`attention.combine_attention_parts`): the
+    # blocked window, and the globals read by every query from one [batch, G] copy, so
+    # neither the global keys nor their bias are copied into each block.
+    window = attention.attention_part(
+        split_into_blocks(query, block_len, axis=1),
+        concat_3_blocks(split_into_blocks(key, block_len, axis=1), block_axis=1),
+        concat_3_blocks(split_into_blocks(value, block_len, axis=1), block_axis=1),
+        mask=local_window_mask(mask, segment_ids, block_len)[:, :, None],
+        bias=self._window_bias(tables),
+        dropout_rng=rng,
+        **dropout,
     )
-    return self._unblock_and_project(attended, length, embed)
+    window = attention.AttentionPart(
+        *(part.reshape(batch, -1, *part.shape[3:])[:, :length] for part in window)
+    )
+    parts = [window]
+    if num_globals:  # inputs shorter than one global block have none
+      parts.append(self._global_part(
+          tables, query, global_key, global_value, mask, segment_ids, block_ids,
+          global_segment_ids, global_valid,
+          dropout_rng=None if rng is None else jax.random.fold_in(rng, 1), **dropout,
+      ))
+    attended = attention.combine_attention_parts(parts, self.dtype)
+    out = self.attention.project_output(attended, embed)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _global_part(
+      self, tables, query, global_key, global_value, mask, segment_ids, block_ids,
+      global_segment_ids, global_valid, **kernel_args,
+  ):
+    """Every query against the row's G global tokens, unnormalised (an `AttentionPart`).
+
+    The [length, G] logits are the layer's largest arrays (G = length / 16), so queries
+    go through in chunks of about `_GLOBAL_CHUNK_ELEMENTS` logits under `jax.checkpoint`:
+    memory O(chunk · G) forward and backward (the backward pass recomputes a chunk's
+    logits), and a chunk's logits stay in cache between the kernel's passes over them.
+
+    The bias reads (global index − the query token's block id). Unpacked, a real token's
+    block id is min(position // global_block_size, the row's last full block), the same
+    for every token of a `global_block_size`-aligned group, so the bias is looked up per
+    group and broadcast over its tokens inside the softmax's fused loops; packed inputs
+    (blocks counted from each segment's start) look it up per token. Dropout (one mask
+    per row, head and global token) is the same in every chunk.
+    """
+    batch, length = mask.shape
+    num_globals = global_valid.shape[1]
+    table = None if tables is None else tables.table(self.global_table_name, self.num_heads)
+    group = self.global_block_size if segment_ids is None else 1
+    chunk = max(1, _GLOBAL_CHUNK_ELEMENTS // (num_globals * self.num_heads * group)) * group
+    chunk = min(chunk, -(-length // group) * group)
+    num_chunks = -(-length // chunk)
+
+    def chunks(x, pad_value, size=chunk):
+      """[batch, n, ...] -> [num_chunks, batch, size, ...] (padded to num_chunks · size)."""
+      widths = [(0, 0)] * x.ndim
+      widths[1] = (0, num_chunks * size - x.shape[1])
+      x = jnp.pad(x, widths, constant_values=pad_value)
+      return jnp.moveaxis(x.reshape(batch, num_chunks, size, *x.shape[2:]), 1, 0)
+
+    # The block id of each bias row: of each group of tokens (all real tokens of a group
+    # share it; padding has −1), or of each token when packed.
+    ids = _pad_to_multiple(block_ids, group, axis=1, pad_value=-1)
+    ids = jnp.max(ids.reshape(batch, -1, group), axis=-1)
+    inputs = dict(
+        query=chunks(query, 0),
+        ids=chunks(ids, -1, chunk // group),
+        valid=chunks(mask, False),
+    )
+    if segment_ids is not None:
+      inputs["segment"] = chunks(jnp.asarray(segment_ids), -1)
+    globals_index = jnp.arange(num_globals, dtype=jnp.int32)
+
+    @jax.checkpoint
+    def one_chunk(chunk_inputs):
+      side_mask = jnp.logical_and(chunk_inputs["valid"][:, :, None], global_valid[:, None, :])
+      if segment_ids is not None:
+        side_mask = jnp.logical_and(
+            side_mask, chunk_inputs["segment"][:, :, None] == global_segment_ids[:, None, :]
+        )
+      bias = None
+      if table is not None:
+        relative = globals_index[None, None, :] - chunk_inputs["ids"][:, :, None]
+        bias = tables.bias(self.global_table_name, self.num_heads, relative)
+        bias = jnp.broadcast_to(
+            bias[:, :, :, None, :],
+            (batch, self.num_heads, chunk // group, group, num_globals),
+        ).reshape(batch, self.num_heads, chunk, num_globals)
+      return attention.attention_part(
+          chunk_inputs["query"], global_key, global_value, mask=side_mask[:, None],
+          bias=bias, **kernel_args,
+      )
+
+    part = jax.lax.map(one_chunk, inputs)
+    return attention.AttentionPart(*(
+        jnp.moveaxis(x, 0, 1).reshape(batch, num_chunks * chunk, *x.shape[3:])[:, :length]
+        for x in part
+    ))

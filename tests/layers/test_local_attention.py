@@ -306,6 +306,44 @@ def test_tglobal_matches_brute_force(layers, tables, radius, length, padded, pac
   assert np.all(got[~mask] == 0.0)
 
 
+@pytest.mark.parametrize("padded,packed", [(False, False), (True, False), (True, True)])
+def test_tglobal_global_side_in_chunks(tables, monkeypatch, padded, packed):
+  # One global block of queries per chunk (one token when packed), a partial last chunk:
+  # the chunked global side against the brute force, and its gradients against the
+  # one-chunk layer's (which the transformers training-parity test checks).
+  length, radius = 14, 3
+  x, mask, segment_ids = _inputs(length, padded=padded, packed=packed, seed=3)
+  module = la.TransientGlobalSelfAttention(
+      num_heads=HEADS, head_dim=HEAD_DIM, local_radius=radius, global_block_size=GLOBAL_BLOCK
+  )
+  kwargs = dict(
+      tables=_tables(tables[0], tables[1]),
+      mask=mask if padded else None,
+      segment_ids=segment_ids if packed else None,
+  )
+
+  def apply_and_grad(variables, x):
+    def loss(variables, x):
+      return jnp.sum(module.apply(variables, x, **kwargs) ** 2)
+
+    return module.apply(variables, x, **kwargs), jax.grad(loss, argnums=(0, 1))(variables, x)
+
+  layer = _Jitted(module, 8)
+  whole = jax.jit(apply_and_grad)(layer.variables, jnp.asarray(x))
+  monkeypatch.setattr(la, "_GLOBAL_CHUNK_ELEMENTS", 1)
+  chunked = jax.jit(apply_and_grad)(layer.variables, jnp.asarray(x))
+
+  expected = _tglobal_reference(x, layer.params, tables[0], tables[1], mask, segment_ids, radius)
+  _assert_close(np.asarray(chunked[0], np.float64), expected, kind="tglobal", length=length)
+  # Gradients: both float32, the global side's sums in other orders (chunks, not one block);
+  # a backward pass doubles the forward depth (tests/tolerances.py).
+  for got, want in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(whole[1]), strict=True):
+    tolerances.assert_close(
+        np.asarray(got), np.asarray(want), num_terms=max(EMBED, length + length // GLOBAL_BLOCK),
+        depth=12, programs=2,
+    )
+
+
 @pytest.mark.parametrize("missing", ["relpos_bias", "global_relpos_bias"])
 def test_tglobal_without_one_bias_table(layers, tables, missing):
   layer = layers("tglobal", 3)
