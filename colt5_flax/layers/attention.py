@@ -108,10 +108,10 @@ def attention_part(
   if mask is not None:
     logits = jnp.where(mask, logits, _MASK_VALUE)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  # A masked key weighs exp(_MASK_VALUE − top) = 0 exactly (float32 underflow) whenever its
+  # row allows any key; a row that allows none has top = _MASK_VALUE and weighs nothing:
+  # its total and output are set to 0 below, so it is never NaN.
   weights = jnp.exp(logits - top)
-  if mask is not None:
-    # Masked keys weigh exactly 0, so a row with no allowed key sums to 0 (not NaN).
-    weights = jnp.where(mask, weights, 0.0)
   total = jnp.sum(weights, axis=-1)
   if not deterministic and dropout_rate > 0.0:
     if dropout_rng is None:
@@ -127,7 +127,12 @@ def attention_part(
       jnp.asarray(value, dtype),
       preferred_element_type=jnp.float32,
   ).reshape(*batch_dims, q_len, num_heads, head_dim)
-  return AttentionPart(out, jnp.swapaxes(top[..., 0], -1, -2), jnp.swapaxes(total, -1, -2))
+  top, total = jnp.swapaxes(top[..., 0], -1, -2), jnp.swapaxes(total, -1, -2)
+  if mask is not None:
+    allowed = top > 0.5 * _MASK_VALUE  # [*batch, q, heads]
+    total = jnp.where(allowed, total, 0.0)
+    out = jnp.where(allowed[..., None], out, 0.0)
+  return AttentionPart(out, top, total)
 
 
 def combine_attention_parts(parts: Sequence[AttentionPart], dtype: Dtype = jnp.float32):
