@@ -48,6 +48,8 @@ def test_routed_indices_by_layer_reads_plain_and_scanned_stacks():
         (("runs/demo_16_facts.gin",), None, [], 16, 8, 2048),
         (("runs/demo_16_facts.gin",), 0, [], 4, 8, 64),
         (("runs/demo_16_facts.gin",), 1, [], 16, 8, 128),
+        (("runs/demo_16_facts.gin",), 2, [], 4, 8, 128),
+        (("runs/demo_16_facts.gin",), 3, [], 16, 8, 128),
     ],
 )
 def test_demo_task_knobs_reach_the_task_and_the_lengths(
