@@ -47,6 +47,12 @@ def split_into_blocks(x, block_len: int, axis: int, pad_value=0):
   return x.reshape(x.shape[:axis] + (x.shape[axis] // block_len, block_len) + x.shape[axis + 1 :])
 
 
+def unblock(x, length: int):
+  """[batch, num_blocks, block_len, ...] -> [batch, length, ...]: `split_into_blocks`
+  undone, its padding dropped."""
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
 def concat_3_blocks(blocked, block_axis: int, pad_value=0):
   """[..., num_blocks, block_len, ...] -> [..., num_blocks, 3 * block_len, ...].
 
@@ -239,12 +245,14 @@ class _BlockedLocalAttention(nn.Module):
     value = concat_3_blocks(split_into_blocks(value, self.block_len, axis=1), block_axis=1)
     return query, key, value
 
-  def _unblock_and_project(self, attended, length: int, embed: int):
-    """[batch, num_blocks, block_len, heads, head_dim] -> [batch, length, embed]."""
-    batch, num_blocks, block_len = attended.shape[:3]
-    attended = attended.reshape(batch, num_blocks * block_len, *attended.shape[3:])[:, :length]
+  def _project_output(self, attended, embed: int):
+    """[batch, length, heads, head_dim] -> [batch, length, embed]."""
     out = self.attention.project_output(attended, embed)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+  def _unblock_and_project(self, attended, length: int, embed: int):
+    """[batch, num_blocks, block_len, heads, head_dim] -> [batch, length, embed]."""
+    return self._project_output(unblock(attended, length), embed)
 
 
 class LocalSelfAttention(_BlockedLocalAttention):
@@ -369,7 +377,7 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
       [batch, length, embed] in `dtype`; exactly 0 at padding positions.
     """
     mask = _check_inputs(x, mask, segment_ids)
-    batch, length, embed = x.shape
+    length, embed = x.shape[1:]
     block_len = self.block_len
 
     # Global tokens: block sums of this layer's input, normed (LongT5 §2.1.2).
@@ -380,9 +388,7 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
     global_inputs = self.global_input_layer_norm(global_aggregates(x, block_ids, num_globals))
     global_key, global_value = self.attention.project_key_value(global_inputs)
 
-    query = self.attention.project_query(x)
-    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-    key, value = self.attention.project_key_value(x)
+    query, key, value = self._project_blocked(x)
     rng = self.attention.dropout_rng(enable_dropout)
     dropout = dict(dropout_rate=self.dropout_rate, deterministic=not enable_dropout,
                    dtype=self.dtype)
@@ -391,27 +397,24 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
     # blocked window, and the globals read by every query from one [batch, G] copy, so
     # neither the global keys nor their bias are copied into each block.
     window = attention.attention_part(
-        split_into_blocks(query, block_len, axis=1),
-        concat_3_blocks(split_into_blocks(key, block_len, axis=1), block_axis=1),
-        concat_3_blocks(split_into_blocks(value, block_len, axis=1), block_axis=1),
+        query,
+        key,
+        value,
         mask=local_window_mask(mask, segment_ids, block_len)[:, :, None],
         bias=self._window_bias(tables),
         dropout_rng=rng,
         **dropout,
     )
-    window = attention.AttentionPart(
-        *(part.reshape(batch, -1, *part.shape[3:])[:, :length] for part in window)
-    )
+    window = attention.AttentionPart(*(unblock(part, length) for part in window))
     parts = [window]
     if num_globals:  # inputs shorter than one global block have none
       parts.append(self._global_part(
-          tables, query, global_key, global_value, mask, segment_ids, block_ids,
+          tables, unblock(query, length), global_key, global_value, mask, segment_ids, block_ids,
           global_segment_ids, global_valid,
           dropout_rng=None if rng is None else jax.random.fold_in(rng, 1), **dropout,
       ))
     attended = attention.combine_attention_parts(parts, self.dtype)
-    out = self.attention.project_output(attended, embed)
-    return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    return self._project_output(attended, embed)
 
   def _global_part(
       self, tables, query, global_key, global_value, mask, segment_ids, block_ids,
