@@ -12,7 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from colt5_flax.layers import dense as dense_lib
 from colt5_flax.layers import relative_position
+from colt5_flax.layers.dense import dense
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -96,7 +98,7 @@ def attention_part(
   groups = num_heads // num_kv_heads
 
   grouped_query = query.reshape(*batch_dims, q_len, num_kv_heads, groups, head_dim)
-  logits = jnp.einsum(
+  logits = dense_lib.einsum(
       "...qhgd,...khd->...hgqk",
       grouped_query,
       key,
@@ -121,7 +123,7 @@ def attention_part(
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   weights = jnp.asarray(weights, dtype).reshape(*batch_dims, num_kv_heads, groups, q_len, k_len)
-  out = jnp.einsum(
+  out = dense_lib.einsum(
       "...hgqk,...khd->...qhgd",
       weights,
       jnp.asarray(value, dtype),
@@ -285,7 +287,7 @@ class _EmbedToHeads(nn.Module):
         self.param_dtype,
     )
     kernel = jnp.asarray(kernel, self.dtype)
-    return jnp.einsum("...e,ehd->...hd", jnp.asarray(x, self.dtype), kernel)
+    return dense(jnp.asarray(x, self.dtype), kernel)
 
 
 class _HeadsToEmbed(nn.Module):
@@ -308,7 +310,7 @@ class _HeadsToEmbed(nn.Module):
         self.param_dtype,
     )
     kernel = jnp.asarray(kernel, self.dtype)
-    return jnp.einsum("...hd,hde->...e", jnp.asarray(x, self.dtype), kernel)
+    return dense(jnp.asarray(x, self.dtype), kernel, in_axes=2)
 
 
 class MultiHeadAttention(nn.Module):

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from colt5_flax.layers.dense import dense
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -75,13 +77,13 @@ class GatedMlp(nn.Module):
       )
 
     hidden_axes = ("embed", self.hidden_axis_name)
-    gate = x @ kernel("wi_0", (features, self.hidden_dim), hidden_axes)
-    linear = x @ kernel("wi_1", (features, self.hidden_dim), hidden_axes)
+    gate = dense(x, kernel("wi_0", (features, self.hidden_dim), hidden_axes))
+    linear = dense(x, kernel("wi_1", (features, self.hidden_dim), hidden_axes))
     hidden = _ACTIVATIONS[self.activation](gate) * linear
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", self.hidden_axis_name))
     # t5x's T5.1.1 MlpBlock: one mask per (example, hidden unit), shared along the length.
     hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         hidden, deterministic=not enable_dropout
     )
-    out = hidden @ kernel("wo", (self.hidden_dim, features), (self.hidden_axis_name, "embed"))
+    out = dense(hidden, kernel("wo", (self.hidden_dim, features), (self.hidden_axis_name, "embed")))
     return out
