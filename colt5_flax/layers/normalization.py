@@ -3,6 +3,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -37,4 +38,30 @@ class RMSNorm(nn.Module):
         (features,),
         self.param_dtype,
     )
-    return jnp.asarray(y * jnp.asarray(scale, jnp.float32), self.dtype)
+    return jnp.asarray(_scaled(y, jnp.asarray(scale, jnp.float32)), self.dtype)
+
+
+def _scaled_impl(y, scale):
+  return y * scale
+
+
+@jax.custom_vjp
+def _scaled(y, scale):
+  """y [..., embed] · scale [embed], whose scale gradient sums g·y over the tokens as a
+  product with a vector of ones. Autodiff's sum fused with the products that make g and
+  y, and XLA:CPU ran that fusion at a fraction of memory speed (docs/benchmarks.md)."""
+  return _scaled_impl(y, scale)
+
+
+def _scaled_forward(y, scale):
+  return y * scale, (y, scale)
+
+
+def _scaled_backward(residuals, grad):
+  y, scale = residuals
+  products = (grad * y).reshape(-1, y.shape[-1])
+  ones = jnp.ones((products.shape[0],), products.dtype)
+  return grad * scale, jnp.dot(ones, products)
+
+
+_scaled.defvjp(_scaled_forward, _scaled_backward)
