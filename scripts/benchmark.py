@@ -152,7 +152,10 @@ _SCAN_LAYERS = flags.DEFINE_bool(
     "scan_layers", True, "nn.scan over encoder layers (--scopes=encoder; whole models: the gin's)."
 )
 _REMAT = flags.DEFINE_string(
-    "remat", "none", "Encoder remat policy (layer_stack.REMAT_POLICIES; --scopes=encoder only)."
+    "remat",
+    None,
+    "Remat policy (layer_stack.REMAT_POLICIES) of --scopes=encoder (default 'none') and of "
+    "whole models (default: the model file's).",
 )
 _PEERS = flags.DEFINE_bool("peers", False, "Also time the PyTorch peers (see docstring).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")

@@ -68,7 +68,8 @@ class Case:
     batch, dtype: rows per batch and activation dtype.
     warmup, repeats, max_case_s: untimed runs, timed runs, and a cap on the timed runs.
     num_layers: encoder depth for scope 'encoder' (None: the model file's).
-    scan_layers, remat: the encoder's `SCAN_LAYERS` and `REMAT_POLICY`.
+    scan_layers, remat: the encoder's `SCAN_LAYERS` and `REMAT_POLICY` (remat None: 'none'
+      for an encoder, the model file's own for a whole model).
     matmul_size: side of the matmul timed just before the case (None: 2048).
     memory_budget_gb: what the case may use (None: 80% of the available memory).
     target_length: target tokens per row of a 'train_step' case.
@@ -87,7 +88,7 @@ class Case:
   max_case_s: float = 60.0
   num_layers: int | None = None
   scan_layers: bool = True
-  remat: str = "none"
+  remat: str | None = None
   matmul_size: int | None = None
   memory_budget_gb: float | None = None
   target_length: int = 512
@@ -162,14 +163,17 @@ def gin_bindings(case: Case) -> list[str]:
   """The bindings on top of the model file that make the case's encoder."""
   bindings = [f"ACTIVATION_DTYPE = '{case.dtype}'", "DROPOUT_RATE = 0.0"]
   if case.scope in WHOLE_MODEL_SCOPES:
-    # The whole model as its file makes it: its own depth, scan and remat.
-    return bindings + variant_bindings(case.kind)
+    # The whole model as its file makes it: its own depth, scan and remat (unless remat is
+    # given: the base models' files keep every activation, which at 16k does not fit 24 GiB).
+    remat = [f"REMAT_POLICY = '{case.remat}'"] if case.remat else []
+    return bindings + variant_bindings(case.kind) + remat
   if case.scope == "layer":
     # One layer is an encoder of depth 1: the layer plus a final norm (no matmul).
     return bindings + ["NUM_ENCODER_LAYERS = 1", "SCAN_LAYERS = False"]
   if case.num_layers:
     bindings.append(f"NUM_ENCODER_LAYERS = {case.num_layers}")
-  return bindings + [f"SCAN_LAYERS = {case.scan_layers}", f"REMAT_POLICY = '{case.remat}'"]
+  remat = case.remat or "none"
+  return bindings + [f"SCAN_LAYERS = {case.scan_layers}", f"REMAT_POLICY = '{remat}'"]
 
 
 def result_fields(case: Case) -> dict[str, Any]:
