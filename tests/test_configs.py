@@ -330,7 +330,7 @@ def _check_demo_checkpoints(kwargs, parts):
 
 def _check_demo_16_facts(kwargs, parts):
   _check_demo(kwargs, parts)
-  assert kwargs["train_steps"] == 9000  # its curriculum's run (docs/learning.md §5)
+  assert kwargs["train_steps"] == 10000  # its curriculum's run (docs/learning.md §5)
 
 
 def _check_small_scale(kwargs, parts):
