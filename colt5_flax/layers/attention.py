@@ -110,7 +110,7 @@ def attention_part(
   ).reshape(*batch_dims, num_heads, q_len, k_len)
   logits = jnp.asarray(logits, jnp.float32)
   if bias is not None:
-    logits = logits + jnp.asarray(bias, jnp.float32)
+    logits = dense_lib.add_broadcast(logits, jnp.asarray(bias, jnp.float32))
   if mask is not None:
     logits = jnp.where(mask, logits, _MASK_VALUE)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))

@@ -102,3 +102,40 @@ def _einsum_backward(spec, preferred_element_type, residuals, grad):
 
 
 _einsum.defvjp(_einsum_forward, _einsum_backward)
+
+
+def add_broadcast(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x + bias, bias broadcast over x's leading axes (those it lacks or has of size 1, all
+  before its other axes). Its gradient sums those axes as a product with a vector of ones:
+  autodiff's sum over the major axes fused with the product that makes the incoming
+  gradient, and XLA:CPU ran that fusion at a fraction of memory speed (the local windows'
+  position bias: ~300 ms for [128 blocks, 4, 128, 384] -> [4, 128, 384] at 16k)."""
+  return _add_broadcast(x, bias)
+
+
+@jax.custom_vjp
+def _add_broadcast(x, bias):
+  return x + bias
+
+
+def _add_broadcast_forward(x, bias):
+  return x + bias, bias.shape
+
+
+def _add_broadcast_backward(bias_shape, grad):
+  padded = (1,) * (grad.ndim - len(bias_shape)) + tuple(bias_shape)
+  summed = [axis for axis, size in enumerate(padded) if size == 1 and grad.shape[axis] != 1]
+  lead = 0
+  while lead < grad.ndim and padded[lead] == 1:
+    lead += 1
+  if summed and summed == [a for a in range(lead) if grad.shape[a] != 1]:
+    rows = grad.reshape(-1, *grad.shape[lead:])
+    rows = rows.reshape(rows.shape[0], -1)
+    total = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
+    dbias = total.reshape(grad.shape[lead:])
+  else:
+    dbias = jnp.sum(grad, axis=tuple(summed), keepdims=True) if summed else grad
+  return grad, dbias.reshape(bias_shape).astype(grad.dtype)
+
+
+_add_broadcast.defvjp(_add_broadcast_forward, _add_broadcast_backward)

@@ -100,3 +100,23 @@ def test_einsum_values_and_gradients_match_numpy(spec, a_shape, b_shape):
   references = reference_pullback(jnp.asarray(cotangent, jnp.float32))
   for got_grad, reference in zip((da, db), references, strict=True):
     tolerances.assert_close(got_grad, reference, num_terms=10, programs=2, what="autodiff")
+
+
+@pytest.mark.parametrize(
+    "bias_shape",
+    [(4, 5), (1, 1, 4, 5), (2, 1, 4, 5), (2, 3, 4, 5), (1, 4, 1)],
+)
+def test_add_broadcast_gradient_sums_the_broadcast_axes(bias_shape):
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  bias = rng.normal(size=bias_shape).astype(np.float32)
+  cotangent = rng.normal(size=x.shape)
+  got, pullback = jax.vjp(dense_lib.add_broadcast, x, bias)
+  dx, dbias = pullback(jnp.asarray(cotangent, jnp.float32))
+  # float64: the cotangent summed over the axes the bias was broadcast along.
+  padded = (1,) * (4 - len(bias_shape)) + bias_shape
+  axes = tuple(a for a, size in enumerate(padded) if size == 1)
+  expected_dbias = np.sum(cotangent, axis=axes, keepdims=True).reshape(bias_shape)
+  tolerances.assert_close(got, x.astype(np.float64) + bias, num_terms=1, what="x + bias")
+  np.testing.assert_array_equal(np.asarray(dx), cotangent.astype(np.float32))
+  tolerances.assert_close(dbias, expected_dbias, num_terms=6, what="dbias")
