@@ -19,6 +19,7 @@ times, across machines.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -155,7 +156,7 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(
-          {"case": vars(case) if hasattr(case, "__dict__") else str(case)} | result,
+          {"case": dataclasses.asdict(case)} | result,
           f,
           indent=1,
           default=str,

@@ -13,6 +13,8 @@ forward+backward at 16k tokens, side by side in one process (2-core AMD EPYC): C
 6.2 s -> 5.2 s, LongT5-TGlobal 12.8 s -> 11.0 s.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -36,11 +38,7 @@ def _contract(x, kernel, in_axes):
   return jax.lax.dot_general(x, kernel, (contracting, ((), ())))
 
 
-def _dense_impl(x, kernel, in_axes):
-  return _contract(x, kernel, in_axes)
-
-
-_dense = jax.custom_vjp(_dense_impl, nondiff_argnums=(2,))
+_dense = jax.custom_vjp(_contract, nondiff_argnums=(2,))
 
 
 def _dense_forward(x, kernel, in_axes):
@@ -125,17 +123,22 @@ def _add_broadcast_forward(x, bias):
 def _add_broadcast_backward(bias_shape, grad):
   padded = (1,) * (grad.ndim - len(bias_shape)) + tuple(bias_shape)
   summed = [axis for axis, size in enumerate(padded) if size == 1 and grad.shape[axis] != 1]
-  lead = 0
-  while lead < grad.ndim and padded[lead] == 1:
-    lead += 1
-  if summed and summed == [a for a in range(lead) if grad.shape[a] != 1]:
-    rows = grad.reshape(-1, *grad.shape[lead:])
-    rows = rows.reshape(rows.shape[0], -1)
-    total = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
-    dbias = total.reshape(grad.shape[lead:])
+  lead = next((axis for axis, size in enumerate(padded) if size != 1), grad.ndim)
+  if not summed:
+    dbias = grad
+  elif max(summed) < lead:
+    dbias = sum_leading_axes(grad, lead)
   else:
-    dbias = jnp.sum(grad, axis=tuple(summed), keepdims=True) if summed else grad
+    dbias = jnp.sum(grad, axis=tuple(summed), keepdims=True)
   return grad, dbias.reshape(bias_shape).astype(grad.dtype)
+
+
+def sum_leading_axes(x: jax.Array, lead: int) -> jax.Array:
+  """x summed over its first `lead` axes, as a product with a vector of ones: XLA:CPU ran
+  the same sum, fused with the operation that makes x, at a fraction of memory speed."""
+  rows = x.reshape(-1, math.prod(x.shape[lead:]))
+  total = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows)
+  return total.reshape(x.shape[lead:])
 
 
 _add_broadcast.defvjp(_add_broadcast_forward, _add_broadcast_backward)

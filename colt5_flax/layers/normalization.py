@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from colt5_flax.layers.dense import sum_leading_axes
+
 Dtype = Any
 
 
@@ -41,16 +43,13 @@ class RMSNorm(nn.Module):
     return jnp.asarray(_scaled(y, jnp.asarray(scale, jnp.float32)), self.dtype)
 
 
-def _scaled_impl(y, scale):
-  return y * scale
-
-
 @jax.custom_vjp
 def _scaled(y, scale):
   """y [..., embed] · scale [embed], whose scale gradient sums g·y over the tokens as a
-  product with a vector of ones. Autodiff's sum fused with the products that make g and
-  y, and XLA:CPU ran that fusion at a fraction of memory speed (docs/benchmarks.md)."""
-  return _scaled_impl(y, scale)
+  product with a vector of ones (`dense.sum_leading_axes`): autodiff's sum fused with the
+  products that make g and y, and XLA:CPU ran that fusion at a fraction of memory speed
+  (docs/benchmarks.md)."""
+  return y * scale
 
 
 def _scaled_forward(y, scale):
@@ -59,9 +58,7 @@ def _scaled_forward(y, scale):
 
 def _scaled_backward(residuals, grad):
   y, scale = residuals
-  products = (grad * y).reshape(-1, y.shape[-1])
-  ones = jnp.ones((products.shape[0],), products.dtype)
-  return grad * scale, jnp.dot(ones, products)
+  return grad * scale, sum_leading_axes(grad * y, y.ndim - 1)
 
 
 _scaled.defvjp(_scaled_forward, _scaled_backward)
