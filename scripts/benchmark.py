@@ -149,7 +149,10 @@ _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size", None, "Side of the square peak matmul (default 2048 on CPU, 8192 else)."
 )
 _SCAN_LAYERS = flags.DEFINE_bool(
-    "scan_layers", True, "nn.scan over encoder layers (--scopes=encoder; whole models: the gin's)."
+    "scan_layers",
+    None,
+    "nn.scan over the layers of --scopes=encoder (default: scan) and of whole models "
+    "(default: the model file's).",
 )
 _REMAT = flags.DEFINE_string(
     "remat",

@@ -327,3 +327,27 @@ def test_cross_attention_variants_need_a_whole_model():
   done = _run(None, "--kinds=colt5_mha", "--scopes=layer", "--plan_only", timeout=120)
   assert done.returncode != 0
   assert "--kinds=colt5_mha" in done.stderr
+
+
+def test_whole_model_scan_and_remat_flags_reach_the_model():
+  """--scan_layers/--remat override a whole model's file (the base files unroll and keep
+  every activation); left unset, the file's own settings stand."""
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  try:
+    from benchmarking import cases, whole_model
+  finally:
+    sys.path.pop(0)
+
+  def stack(**overrides):
+    case = cases.Case(kind="colt5", scope="train_step", mode="fwd_bwd", length=64,
+                      width="tiny", **overrides)
+    network = whole_model.build_model(case).module
+    built = {"encoder": network.encoder_factory(), "decoder": network.decoder_factory()}
+    return {part: (module.scan_layers, module.remat_policy) for part, module in built.items()}
+
+  # configs/architectures/t5_1_1.gin, which every model file includes.
+  file_scan, file_remat = False, "none"
+  assert stack() == {part: (file_scan, file_remat) for part in ("encoder", "decoder")}
+  assert stack(scan_layers=not file_scan, remat="full") == {
+      part: (not file_scan, "full") for part in ("encoder", "decoder")
+  }

@@ -68,8 +68,8 @@ class Case:
     batch, dtype: rows per batch and activation dtype.
     warmup, repeats, max_case_s: untimed runs, timed runs, and a cap on the timed runs.
     num_layers: encoder depth for scope 'encoder' (None: the model file's).
-    scan_layers, remat: the encoder's `SCAN_LAYERS` and `REMAT_POLICY` (remat None: 'none'
-      for an encoder, the model file's own for a whole model).
+    scan_layers, remat: the encoder's `SCAN_LAYERS` and `REMAT_POLICY` (None: scan and
+      remat 'none' for an encoder, the model file's own for a whole model).
     matmul_size: side of the matmul timed just before the case (None: 2048).
     memory_budget_gb: what the case may use (None: 80% of the available memory).
     target_length: target tokens per row of a 'train_step' case.
@@ -87,7 +87,7 @@ class Case:
   repeats: int = 5
   max_case_s: float = 60.0
   num_layers: int | None = None
-  scan_layers: bool = True
+  scan_layers: bool | None = None
   remat: str | None = None
   matmul_size: int | None = None
   memory_budget_gb: float | None = None
@@ -163,17 +163,22 @@ def gin_bindings(case: Case) -> list[str]:
   """The bindings on top of the model file that make the case's encoder."""
   bindings = [f"ACTIVATION_DTYPE = '{case.dtype}'", "DROPOUT_RATE = 0.0"]
   if case.scope in WHOLE_MODEL_SCOPES:
-    # The whole model as its file makes it: its own depth, scan and remat (unless remat is
-    # given: the base models' files keep every activation, which at 16k does not fit 24 GiB).
-    remat = [f"REMAT_POLICY = '{case.remat}'"] if case.remat else []
-    return bindings + variant_bindings(case.kind) + remat
+    # The whole model as its file makes it: its own depth, scan and remat, unless given
+    # (the base models' files unroll and keep every activation, which at 16k does not fit
+    # 24 GiB; remat of unrolled layers does not shrink XLA:CPU's buffers, remat under scan
+    # does: docs/benchmarks.md).
+    stack = [f"REMAT_POLICY = '{case.remat}'"] if case.remat else []
+    if case.scan_layers is not None:
+      stack.append(f"SCAN_LAYERS = {case.scan_layers}")
+    return bindings + variant_bindings(case.kind) + stack
   if case.scope == "layer":
     # One layer is an encoder of depth 1: the layer plus a final norm (no matmul).
     return bindings + ["NUM_ENCODER_LAYERS = 1", "SCAN_LAYERS = False"]
   if case.num_layers:
     bindings.append(f"NUM_ENCODER_LAYERS = {case.num_layers}")
   remat = case.remat or "none"
-  return bindings + [f"SCAN_LAYERS = {case.scan_layers}", f"REMAT_POLICY = '{remat}'"]
+  scan = True if case.scan_layers is None else case.scan_layers
+  return bindings + [f"SCAN_LAYERS = {scan}", f"REMAT_POLICY = '{remat}'"]
 
 
 def result_fields(case: Case) -> dict[str, Any]:
@@ -191,6 +196,9 @@ def result_fields(case: Case) -> dict[str, Any]:
     fields["num_layers"] = depth(case)
   if case.scope == "train_step":
     fields["target_length"] = case.target_length
+  if case.scope in WHOLE_MODEL_SCOPES or case.scope == "encoder":
+    # What the stack ran as, where it was set (None: the model file's own).
+    fields["scan_layers"], fields["remat"] = case.scan_layers, case.remat
   if case.scope == "inference":
     fields["decode_length"] = case.decode_length
   routed = routed_tokens(case)
