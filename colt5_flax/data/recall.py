@@ -8,6 +8,9 @@ efficient-attention research (Zoology, Arora et al. 2023):
 - filler: the bytes `a`-`z` (26 tokens);
 - a fact: ONE token, the byte `0x80 + key * num_values + value` (key < num_keys,
   value < num_values; num_keys × num_values ≤ 128), so it carries its key and its value;
+- with `fact_marker`, the byte `#` right before each fact: a token every fact shares, so
+  the light branch can tag each fact's token with it and a router can learn one feature
+  for all facts instead of a score per fact token;
 - the question: `?` and the key's letter (`A` + key) at the very end;
 - the target: the value's digit (`0` + value), then EOS.
 
@@ -43,6 +46,7 @@ _BYTE_OFFSET = 3  # ByteVocabulary: id = byte + 3 (0 pad, 1 EOS, 2 UNK)
 _FILLER = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
 _FACT_BYTE0 = 0x80
 _QUESTION_BYTE = ord("?")
+_MARKER_BYTE = ord("#")
 _KEY_BYTE0 = ord("A")
 _VALUE_BYTE0 = ord("0")
 
@@ -59,6 +63,8 @@ class RecallConfig:
     min_question_distance: the least number of tokens between any fact and the
       question's key.
     seed: the seed of the whole task.
+    fact_marker: put the marker `#` right before each fact (a fact is then two tokens,
+      both in the fact masks).
   """
 
   input_length: int = 2048
@@ -67,6 +73,7 @@ class RecallConfig:
   num_values: int = 8
   min_question_distance: int = 32
   seed: int = 0
+  fact_marker: bool = False
 
   def __post_init__(self):
     if not 1 <= self.num_values <= 10:
@@ -85,12 +92,17 @@ class RecallConfig:
       raise ValueError(
           f"RecallConfig.min_question_distance={self.min_question_distance} must be >= 2"
       )
-    if self.fact_region < self.num_facts:
+    if self.fact_region < self.num_facts * self.fact_tokens:
       raise ValueError(
           f"RecallConfig: input_length={self.input_length} leaves {self.fact_region} "
-          f"positions for {self.num_facts} facts at least min_question_distance="
-          f"{self.min_question_distance} tokens before the question"
+          f"positions for {self.num_facts} facts of {self.fact_tokens} token(s) at least "
+          f"min_question_distance={self.min_question_distance} tokens before the question"
       )
+
+  @property
+  def fact_tokens(self) -> int:
+    """Tokens per fact: the fact, and the marker before it with `fact_marker`."""
+    return 2 if self.fact_marker else 1
 
   @property
   def fact_region(self) -> int:
@@ -105,7 +117,7 @@ def generate(config: RecallConfig, split: str, index: int) -> dict:
   Returns:
     {'inputs': bytes of length `input_length - 1`, 'targets': the value's digit (str),
      'key', 'value': ints, 'fact_positions': int array [num_facts] (the queried fact
-     first)}.
+     first; with `fact_marker`, the marker is the byte before each)}.
   """
   if split not in SPLIT_INDEX:
     raise ValueError(f"Unknown split {split!r}; expected one of {list(SPLIT_INDEX)}")
@@ -113,7 +125,15 @@ def generate(config: RecallConfig, split: str, index: int) -> dict:
   document = _FILLER[rng.integers(0, len(_FILLER), config.input_length - 1)]
   keys = rng.choice(config.num_keys, config.num_facts, replace=False)
   values = rng.integers(0, config.num_values, config.num_facts)
-  positions = rng.choice(config.fact_region, config.num_facts, replace=False)
+  if config.fact_marker:
+    # Non-overlapping (marker, fact) pairs, uniform over the region: n sorted draws from
+    # region - n slots, the i-th shifted by i, in a random order.
+    starts = np.sort(rng.choice(config.fact_region - config.num_facts, config.num_facts,
+                                replace=False))
+    positions = rng.permutation(starts + np.arange(config.num_facts)) + 1
+    document[positions - 1] = _MARKER_BYTE
+  else:
+    positions = rng.choice(config.fact_region, config.num_facts, replace=False)
   document[positions] = _FACT_BYTE0 + keys * config.num_values + values
   document[-2:] = (_QUESTION_BYTE, _KEY_BYTE0 + keys[0])
   return {
@@ -138,16 +158,22 @@ def _masks(tokens, num_values: int) -> dict[str, np.ndarray]:
   for row in np.ndindex(tokens.shape[:-1]):
     data = _document_bytes(tokens[row])
     facts = data >= _FACT_BYTE0
-    masks["fact"][row][: len(data)] = facts
+    # A marker belongs to the fact right after it.
+    markers = np.zeros_like(facts)
+    markers[:-1] = (data[:-1] == _MARKER_BYTE) & facts[1:]
+    masks["fact"][row][: len(data)] = facts | markers
     if len(data) >= 2 and data[-2] == _QUESTION_BYTE:
       key = data[-1] - _KEY_BYTE0
       masks["question"][row][len(data) - 1] = 1
-      masks["relevant"][row][: len(data)] = facts & ((data - _FACT_BYTE0) // num_values == key)
+      relevant = facts & ((data - _FACT_BYTE0) // num_values == key)
+      relevant[:-1] |= markers[:-1] & relevant[1:]
+      masks["relevant"][row][: len(data)] = relevant
   return masks
 
 
 def fact_mask_for(tokens, num_values: int = 8) -> np.ndarray:
-  """1 on every fact token of ByteVocabulary ids `[..., length]` (EOS, padding allowed)."""
+  """1 on every fact token (and fact marker) of ByteVocabulary ids `[..., length]` (EOS,
+  padding allowed)."""
   return _masks(tokens, num_values)["fact"]
 
 
@@ -205,6 +231,7 @@ def register_demo_task(
     num_values: int = 8,
     min_question_distance: int = 32,
     seed: int = 0,
+    fact_marker: bool = False,
 ) -> str:
   """Registers `associative_recall_demo_<input_length>`; returns its name.
 
@@ -219,6 +246,7 @@ def register_demo_task(
       num_values=num_values,
       min_question_distance=min_question_distance,
       seed=seed,
+      fact_marker=fact_marker,
   )
   return register_recall_task(f"{DEMO_TASK_NAME}_{input_length}", config).name
 

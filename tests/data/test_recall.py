@@ -9,6 +9,12 @@ from colt5_flax.data import recall
 CONFIG = recall.RecallConfig(
     input_length=256, num_facts=4, num_keys=16, num_values=8, min_question_distance=40
 )
+MARKED = recall.RecallConfig(**{**CONFIG.__dict__, "fact_marker": True})
+# Marked facts packed as tight as the region allows: (marker, fact) pairs side by side.
+TIGHT = recall.RecallConfig(
+    input_length=2 + 40 - 1 + 2 * 16, num_facts=16, num_keys=16, min_question_distance=40,
+    fact_marker=True,
+)
 
 
 def _parse(document: bytes, num_values: int):
@@ -23,20 +29,25 @@ def _parse(document: bytes, num_values: int):
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
-def test_examples_hold_their_facts_at_a_distance_and_answer_the_question(split):
+@pytest.mark.parametrize("config", [CONFIG, MARKED, TIGHT], ids=["plain", "marked", "tight"])
+def test_examples_hold_their_facts_at_a_distance_and_answer_the_question(split, config):
   for index in range(50):
-    example = recall.generate(CONFIG, split, index)
+    example = recall.generate(config, split, index)
     document = example["inputs"]
-    assert len(document) == CONFIG.input_length - 1
-    facts, key = _parse(document, CONFIG.num_values)
-    assert len(facts) == CONFIG.num_facts
+    assert len(document) == config.input_length - 1
+    facts, key = _parse(document, config.num_values)
+    assert len(facts) == config.num_facts
+    assert sorted(facts) == sorted(example["fact_positions"])
     keys = [k for k, _ in facts.values()]
-    assert len(set(keys)) == CONFIG.num_facts and key in keys  # distinct keys, one asked
+    assert len(set(keys)) == config.num_facts and key in keys  # distinct keys, one asked
     (value,) = [v for k, v in facts.values() if k == key]
     assert example["targets"] == str(value) and example["value"] == value
     question_position = len(document) - 1
-    assert all(question_position - p >= CONFIG.min_question_distance for p in facts)
-    filler = [b for p, b in enumerate(document[:-2]) if p not in facts]
+    assert all(question_position - p >= config.min_question_distance for p in facts)
+    markers = {p for p, b in enumerate(document) if b == ord("#")}
+    # A marker right before every fact and nowhere else.
+    assert markers == ({p - 1 for p in facts} if config.fact_marker else set())
+    filler = [b for p, b in enumerate(document[:-2]) if p not in facts and p not in markers]
     assert all(ord("a") <= b <= ord("z") for b in filler)
 
 
@@ -48,34 +59,39 @@ def test_examples_are_a_pure_function_of_seed_split_and_index():
   assert a["inputs"] != recall.generate(other_seed, "train", 7)["inputs"]
 
 
-def test_answers_are_spread_over_the_values_and_positions():
+@pytest.mark.parametrize("fact_marker", [False, True])
+def test_answers_are_spread_over_the_values_and_positions(fact_marker):
   # 400 examples: every value is an answer, and answers' facts lie all over the region
   # (the router cannot learn a position instead of the content).
   values, positions = [], []
+  config = recall.RecallConfig(input_length=2048, fact_marker=fact_marker)
   for index in range(400):
-    example = recall.generate(recall.RecallConfig(input_length=2048), "train", index)
+    example = recall.generate(config, "train", index)
     values.append(example["value"])
     positions.append(example["fact_positions"][0])
   assert set(values) == set(range(8))
   assert min(positions) < 300 and max(positions) > 1700
 
 
-def test_masks_recomputed_from_token_ids_match_the_parsed_facts():
+@pytest.mark.parametrize("config", [CONFIG, MARKED, TIGHT], ids=["plain", "marked", "tight"])
+def test_masks_recomputed_from_token_ids_match_the_parsed_facts(config):
   rows = []
   expected = {"fact": [], "relevant": [], "question": []}
-  length = CONFIG.input_length + 6  # EOS and padding after the document
+  length = config.input_length + 6  # EOS and padding after the document
   for index in range(8):
-    document = recall.generate(CONFIG, "validation", index)["inputs"]
+    document = recall.generate(config, "validation", index)["inputs"]
     ids = np.zeros(length, np.int32)
     ids[: len(document)] = [b + 3 for b in document]  # ByteVocabulary: id = byte + 3
     ids[len(document)] = 1  # EOS
     rows.append(ids)
-    facts, key = _parse(document, CONFIG.num_values)
+    facts, key = _parse(document, config.num_values)
     for name in expected:
       expected[name].append(np.zeros(length, np.int32))
     for position, (fact_key, _) in facts.items():
-      expected["fact"][-1][position] = 1
-      expected["relevant"][-1][position] = fact_key == key
+      # A marked fact is its marker and itself.
+      span = [position - 1, position] if config.fact_marker else [position]
+      expected["fact"][-1][span] = 1
+      expected["relevant"][-1][span] = fact_key == key
     expected["question"][-1][len(document) - 1] = 1
   tokens = np.stack(rows)
   np.testing.assert_array_equal(recall.fact_mask_for(tokens, 8), np.stack(expected["fact"]))
@@ -85,7 +101,7 @@ def test_masks_recomputed_from_token_ids_match_the_parsed_facts():
   np.testing.assert_array_equal(
       recall.question_mask_for(tokens, 8), np.stack(expected["question"])
   )
-  assert recall.relevant_mask_for(tokens, 8).sum(axis=1).tolist() == [1] * 8
+  assert recall.relevant_mask_for(tokens, 8).sum(axis=1).tolist() == [config.fact_tokens] * 8
 
 
 def test_registered_task_tokenizes_bytes_and_scores_exact_match():
@@ -107,6 +123,9 @@ def test_registered_task_tokenizes_bytes_and_scores_exact_match():
         ({"num_facts": 5, "num_keys": 4}, "num_facts"),
         ({"num_keys": 26, "num_values": 8}, "do not fit"),
         ({"input_length": 40, "min_question_distance": 38, "num_facts": 4}, "leaves"),
+        # 9 positions hold 9 plain facts but not 5 marked ones (10 tokens).
+        ({"input_length": 40, "min_question_distance": 30, "num_facts": 5,
+          "fact_marker": True}, "5 facts of 2 token"),
     ],
 )
 def test_bad_configs_name_the_problem(kwargs, message):
