@@ -22,21 +22,30 @@ BATCH = 64
 EVAL_LENGTH = 2048
 
 
-def _model(gin_files):
+def _model_and_task(gin_files):
+  """The model the gin files build, and the task's `RecallConfig` at EVAL_LENGTH from their
+  DEMO_* macros (configs/runs/demo.gin)."""
   gin.clear_config()
   try:
     gin_utils.parse_gin_flags(
         [str(REPO / "configs")], gin_files, ["MODEL_DIR = '/tmp/unused'"],
         finalize_config=False,
     )
-    return model_files.frozen()
+    task = recall.RecallConfig(
+        input_length=EVAL_LENGTH,
+        num_facts=gin.query_parameter("%DEMO_NUM_FACTS"),
+        num_keys=gin.query_parameter("%DEMO_NUM_KEYS"),
+        num_values=gin.query_parameter("%DEMO_NUM_VALUES"),
+        min_question_distance=gin.query_parameter("%DEMO_MIN_QUESTION_DISTANCE"),
+        fact_marker=gin.query_parameter("%DEMO_FACT_MARKER"),
+    )
+    return model_files.frozen(), task
   finally:
     gin.clear_config()
 
 
-def _answers(model, params):
+def _answers(model, params, config):
   """Greedy answers to the first NUM_EXAMPLES validation inputs, and the true ones."""
-  config = recall.RecallConfig(input_length=EVAL_LENGTH)
   examples = [recall.generate(config, "validation", i) for i in range(NUM_EXAMPLES)]
   tokens = np.zeros((NUM_EXAMPLES, EVAL_LENGTH), np.int32)
   for row, example in enumerate(examples):
@@ -60,14 +69,14 @@ def _answers(model, params):
 def shipped(request):
   directory = SHIPPED / request.param
   metadata = demo_checkpoints.read_metadata(directory)
-  model = _model(metadata["gin_files"])
+  model, task = _model_and_task(metadata["gin_files"])
   abstract = nn.unbox(count_params.abstract_params(model))
   params = checkpoints.restore_params(str(directory / demo_checkpoints.PARAMS_DIR), abstract)
-  return request.param, metadata, model, params
+  return request.param, metadata, model, params, task
 
 
 def test_metadata_records_how_the_checkpoint_was_made(shipped):
-  name, metadata, _, params = shipped
+  name, metadata, _, params, _ = shipped
   for field in ("command", "gin_files", "steps", "train_seconds", "machine", "git_commit",
                 "date", "scores"):
     assert metadata[field] not in (None, "", {}), field
@@ -79,8 +88,8 @@ def test_metadata_records_how_the_checkpoint_was_made(shipped):
 
 
 def test_shipped_checkpoints_answer_as_their_metadata_says(shipped):
-  name, metadata, model, params = shipped
-  answers, truth = _answers(model, params)
+  name, metadata, model, params, task = shipped
+  answers, truth = _answers(model, params, task)
   correct = sum(a == t for a, t in zip(answers, truth, strict=True))
   recorded = metadata["scores"]["accuracy"] * NUM_EXAMPLES
   # The same 128 inputs as recorded; one answer may flip on another CPU's float rounding.
