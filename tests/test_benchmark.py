@@ -351,3 +351,12 @@ def test_whole_model_scan_and_remat_flags_reach_the_model():
   assert stack(scan_layers=not file_scan, remat="full") == {
       part: (not file_scan, "full") for part in ("encoder", "decoder")
   }
+  # The report records what ran: a whole model's unset settings as None (its file's), an
+  # encoder's as the settings it ran with.
+  fields = cases.result_fields(cases.Case(kind="colt5", scope="train_step", mode="fwd_bwd",
+                                          length=64, width="tiny"))
+  assert (fields["scan_layers"], fields["remat"]) == (None, None)
+  encoder = cases.Case(kind="colt5", scope="encoder", mode="fwd", length=64, width="tiny")
+  fields = cases.result_fields(encoder)
+  assert (fields["scan_layers"], fields["remat"]) == (True, "none")
+  assert {"SCAN_LAYERS = True", "REMAT_POLICY = 'none'"} <= set(cases.gin_bindings(encoder))

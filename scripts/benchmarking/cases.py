@@ -167,18 +167,26 @@ def gin_bindings(case: Case) -> list[str]:
     # (the base models' files unroll and keep every activation, which at 16k does not fit
     # 24 GiB; remat of unrolled layers does not shrink XLA:CPU's buffers, remat under scan
     # does: docs/benchmarks.md).
-    stack = [f"REMAT_POLICY = '{case.remat}'"] if case.remat else []
-    if case.scan_layers is not None:
-      stack.append(f"SCAN_LAYERS = {case.scan_layers}")
+    scan, remat = stack_settings(case)
+    stack = [f"REMAT_POLICY = '{remat}'"] if remat else []
+    if scan is not None:
+      stack.append(f"SCAN_LAYERS = {scan}")
     return bindings + variant_bindings(case.kind) + stack
   if case.scope == "layer":
     # One layer is an encoder of depth 1: the layer plus a final norm (no matmul).
     return bindings + ["NUM_ENCODER_LAYERS = 1", "SCAN_LAYERS = False"]
   if case.num_layers:
     bindings.append(f"NUM_ENCODER_LAYERS = {case.num_layers}")
-  remat = case.remat or "none"
-  scan = True if case.scan_layers is None else case.scan_layers
+  scan, remat = stack_settings(case)
   return bindings + [f"SCAN_LAYERS = {scan}", f"REMAT_POLICY = '{remat}'"]
+
+
+def stack_settings(case: Case) -> tuple[bool | None, str | None]:
+  """(SCAN_LAYERS, REMAT_POLICY) the case's stack runs with: an encoder's defaults are
+  scan and no remat; for a whole model None leaves the model file's own."""
+  if case.scope == "encoder":
+    return (True if case.scan_layers is None else case.scan_layers), (case.remat or "none")
+  return case.scan_layers, case.remat
 
 
 def result_fields(case: Case) -> dict[str, Any]:
@@ -197,8 +205,8 @@ def result_fields(case: Case) -> dict[str, Any]:
   if case.scope == "train_step":
     fields["target_length"] = case.target_length
   if case.scope in WHOLE_MODEL_SCOPES or case.scope == "encoder":
-    # What the stack ran as, where it was set (None: the model file's own).
-    fields["scan_layers"], fields["remat"] = case.scan_layers, case.remat
+    # What the stack ran as (a whole model's None: the model file's own).
+    fields["scan_layers"], fields["remat"] = stack_settings(case)
   if case.scope == "inference":
     fields["decode_length"] = case.decode_length
   routed = routed_tokens(case)
