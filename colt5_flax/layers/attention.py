@@ -50,6 +50,7 @@ class EncoderAttention(Protocol):
     """
     ...
 
+
 # Large and finite: -inf would turn an all-masked row into NaN.
 _MASK_VALUE = -1e10
 
@@ -83,12 +84,15 @@ def attention_part(
     dropout_rate: float = 0.0,
     deterministic: bool = True,
     dtype: Dtype = jnp.float32,
+    heads_major_kv: bool = False,
 ) -> AttentionPart:
-  """Unnormalised attention of `query` to one part of its keys (shapes as
-  `dot_product_attention`); logits, max and sums in float32, the weights·values product
-  in `dtype` with float32 accumulation."""
+  """Unnormalised attention of `query` to one part of its keys (shapes and
+  `heads_major_kv` as `dot_product_attention`); logits, max and sums in float32, the
+  weights·values product in `dtype` with float32 accumulation."""
   *batch_dims, q_len, num_heads, head_dim = query.shape
-  k_len, num_kv_heads = key.shape[-3], key.shape[-2]
+  if not heads_major_kv:
+    key, value = jnp.moveaxis(key, -3, -2), jnp.moveaxis(value, -3, -2)
+  num_kv_heads, k_len = key.shape[-3], key.shape[-2]
   if key.shape != value.shape:
     raise ValueError(f"key {key.shape} and value {value.shape} shapes differ")
   if key.shape[-1] != head_dim:
@@ -105,7 +109,7 @@ def attention_part(
   logits = dense_lib.einsum(
       "...hgqd,...hkd->...hgqk",
       grouped_query,
-      jnp.moveaxis(key, -3, -2),
+      key,
       preferred_element_type=jnp.float32,
   ).reshape(*batch_dims, num_heads, q_len, k_len)
   logits = jnp.asarray(logits, jnp.float32)
@@ -130,7 +134,7 @@ def attention_part(
   out = dense_lib.einsum(
       "...hgqk,...hkd->...hgqd",
       weights,
-      jnp.moveaxis(jnp.asarray(value, dtype), -3, -2),
+      jnp.asarray(value, dtype),
       preferred_element_type=jnp.float32,
   ).reshape(*batch_dims, num_heads, q_len, head_dim)
   out = jnp.moveaxis(out, -3, -2)
@@ -169,6 +173,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     deterministic: bool = True,
     dtype: Dtype = jnp.float32,
+    heads_major_kv: bool = False,
 ):
   """softmax(q·kᵀ + bias) · v, with T5's conventions.
 
@@ -191,6 +196,10 @@ def dot_product_attention(
       per block).
     deterministic: disables dropout.
     dtype: dtype of the returned activations.
+    heads_major_kv: key and value are [*batch, kv_heads, k, head_dim], the layout the
+      products read. Decoder cross-attention caches them so: in the projections' layout
+      every decoding step (or XLA, hoisting it out of the loop) copied the whole cache
+      into this one (docs/benchmarks.md, end-to-end inference).
 
   Returns:
     [*batch, q, heads, head_dim] in `dtype`.
@@ -205,6 +214,7 @@ def dot_product_attention(
       dropout_rate=dropout_rate,
       deterministic=deterministic,
       dtype=dtype,
+      heads_major_kv=heads_major_kv,
   )
   return combine_attention_parts([part], dtype)
 
@@ -396,8 +406,19 @@ class MultiHeadAttention(nn.Module):
       return self.make_rng("dropout")
     return None
 
-  def attend(self, query, key, value, *, mask=None, bias=None, enable_dropout=False):
-    """The kernel with this module's dtype and dropout; shapes as `dot_product_attention`."""
+  def attend(
+      self,
+      query,
+      key,
+      value,
+      *,
+      mask=None,
+      bias=None,
+      enable_dropout=False,
+      heads_major_kv=False,
+  ):
+    """The kernel with this module's dtype and dropout; arguments as
+    `dot_product_attention`."""
     return dot_product_attention(
         query,
         key,
@@ -408,6 +429,7 @@ class MultiHeadAttention(nn.Module):
         dropout_rate=self.dropout_rate,
         deterministic=not enable_dropout,
         dtype=self.dtype,
+        heads_major_kv=heads_major_kv,
     )
 
   def __call__(
@@ -444,9 +466,7 @@ class MultiHeadAttention(nn.Module):
       if written is not None:
         mask = written if mask is None else jnp.logical_and(mask, written)
 
-    attended = self.attend(
-        query, key, value, mask=mask, bias=bias, enable_dropout=enable_dropout
-    )
+    attended = self.attend(query, key, value, mask=mask, bias=bias, enable_dropout=enable_dropout)
     return self.project_output(attended, inputs_q.shape[-1])
 
 
