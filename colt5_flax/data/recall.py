@@ -11,7 +11,8 @@ efficient-attention research (Zoology, Arora et al. 2023):
 - with `fact_marker`, the byte `#` right before each fact: a token every fact shares, so
   the light branch can tag each fact's token with it and a router can learn one feature
   for all facts instead of a score per fact token;
-- the question: `?` and the key's letter (`A` + key) at the very end;
+- the question: `?` and the key's byte (`A` + key: the letters, then `[\\]^_`` for keys
+  26-31) at the very end;
 - the target: the value's digit (`0` + value), then EOS.
 
 So one attention hop from the question's key to the matching fact answers it; the
@@ -48,6 +49,7 @@ _FACT_BYTE0 = 0x80
 _QUESTION_BYTE = ord("?")
 _MARKER_BYTE = ord("#")
 _KEY_BYTE0 = ord("A")
+_MAX_KEYS = 32  # `A`...`Z`, then `[\\]^_``: below the filler's `a`.
 _VALUE_BYTE0 = ord("0")
 
 
@@ -58,13 +60,18 @@ class RecallConfig:
   Attributes:
     input_length: tokens per input including EOS.
     num_facts: facts per input; one is queried, the others are distractors.
-    num_keys: distinct keys (letters `A`...), ≥ num_facts.
+    num_keys: distinct keys (the bytes `A` + key, up to 32), ≥ num_facts.
     num_values: distinct values (digits `0`...; ≤ 10); chance is 1 / num_values.
     min_question_distance: the least number of tokens between any fact and the
       question's key.
     seed: the seed of the whole task.
     fact_marker: put the marker `#` right before each fact (a fact is then two tokens,
       both in the fact masks).
+    balanced_values: every value is held by as many facts as any other, ±1 (all
+      distinct when num_facts <= num_values), so which values an input holds, and how
+      often, says nothing of the one asked: a decoder that pools all the facts cannot
+      guess the most frequent one (docs/learning.md §6). Otherwise each fact's value is
+      drawn independently.
   """
 
   input_length: int = 2048
@@ -74,14 +81,15 @@ class RecallConfig:
   min_question_distance: int = 32
   seed: int = 0
   fact_marker: bool = False
+  balanced_values: bool = False
 
   def __post_init__(self):
     if not 1 <= self.num_values <= 10:
       raise ValueError(f"RecallConfig.num_values={self.num_values} must be in [1, 10] (digits)")
-    if not 1 <= self.num_facts <= self.num_keys <= 26:
+    if not 1 <= self.num_facts <= self.num_keys <= _MAX_KEYS:
       raise ValueError(
           f"RecallConfig: need 1 <= num_facts={self.num_facts} <= num_keys={self.num_keys} "
-          "<= 26 (one letter per key, distinct keys per input)"
+          f"<= {_MAX_KEYS} (one byte per key from `A`, distinct keys per input)"
       )
     if self.num_keys * self.num_values > 128:
       raise ValueError(
@@ -124,12 +132,17 @@ def generate(config: RecallConfig, split: str, index: int) -> dict:
   rng = np.random.default_rng([config.seed, SPLIT_INDEX[split], index])
   document = _FILLER[rng.integers(0, len(_FILLER), config.input_length - 1)]
   keys = rng.choice(config.num_keys, config.num_facts, replace=False)
-  values = rng.integers(0, config.num_values, config.num_facts)
+  if config.balanced_values:
+    # A cycle over a shuffled order of the values, cut to num_facts and shuffled.
+    values = rng.permutation(np.resize(rng.permutation(config.num_values), config.num_facts))
+  else:
+    values = rng.integers(0, config.num_values, config.num_facts)
   if config.fact_marker:
     # Non-overlapping (marker, fact) pairs, uniform over the region: n sorted draws from
     # region - n slots, the i-th shifted by i, in a random order.
-    starts = np.sort(rng.choice(config.fact_region - config.num_facts, config.num_facts,
-                                replace=False))
+    starts = np.sort(
+        rng.choice(config.fact_region - config.num_facts, config.num_facts, replace=False)
+    )
     positions = rng.permutation(starts + np.arange(config.num_facts)) + 1
     document[positions - 1] = _MARKER_BYTE
   else:
@@ -232,6 +245,7 @@ def register_demo_task(
     min_question_distance: int = 32,
     seed: int = 0,
     fact_marker: bool = False,
+    balanced_values: bool = False,
 ) -> str:
   """Registers `associative_recall_demo_<input_length>`; returns its name.
 
@@ -247,6 +261,7 @@ def register_demo_task(
       min_question_distance=min_question_distance,
       seed=seed,
       fact_marker=fact_marker,
+      balanced_values=balanced_values,
   )
   return register_recall_task(f"{DEMO_TASK_NAME}_{input_length}", config).name
 

@@ -15,6 +15,13 @@ TIGHT = recall.RecallConfig(
     input_length=2 + 40 - 1 + 2 * 16, num_facts=16, num_keys=16, min_question_distance=40,
     fact_marker=True,
 )
+# Every one of 32 keys (the bytes `A`...`Z[\\]^_``) in each input, values balanced.
+ALL_KEYS = recall.RecallConfig(
+    input_length=512, num_facts=32, num_keys=32, num_values=4, fact_marker=True,
+    balanced_values=True,
+)
+CONFIGS = [CONFIG, MARKED, TIGHT, ALL_KEYS]
+CONFIG_IDS = ["plain", "marked", "tight", "all_keys"]
 
 
 def _parse(document: bytes, num_values: int):
@@ -24,12 +31,12 @@ def _parse(document: bytes, num_values: int):
       position: divmod(byte - 0x80, num_values)
       for position, byte in enumerate(document) if byte >= 0x80
   }
-  assert document[-2:-1] == b"?" and b"A"[0] <= document[-1] <= b"Z"[0]
+  assert document[-2:-1] == b"?" and b"A"[0] <= document[-1] <= b"`"[0]  # up to 32 keys
   return facts, document[-1] - ord("A")
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
-@pytest.mark.parametrize("config", [CONFIG, MARKED, TIGHT], ids=["plain", "marked", "tight"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_examples_hold_their_facts_at_a_distance_and_answer_the_question(split, config):
   for index in range(50):
     example = recall.generate(config, split, index)
@@ -73,7 +80,7 @@ def test_answers_are_spread_over_the_values_and_positions(fact_marker):
   assert min(positions) < 300 and max(positions) > 1700
 
 
-@pytest.mark.parametrize("config", [CONFIG, MARKED, TIGHT], ids=["plain", "marked", "tight"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_masks_recomputed_from_token_ids_match_the_parsed_facts(config):
   rows = []
   expected = {"fact": [], "relevant": [], "question": []}
@@ -94,14 +101,17 @@ def test_masks_recomputed_from_token_ids_match_the_parsed_facts(config):
       expected["relevant"][-1][span] = fact_key == key
     expected["question"][-1][len(document) - 1] = 1
   tokens = np.stack(rows)
-  np.testing.assert_array_equal(recall.fact_mask_for(tokens, 8), np.stack(expected["fact"]))
   np.testing.assert_array_equal(
-      recall.relevant_mask_for(tokens, 8), np.stack(expected["relevant"])
+      recall.fact_mask_for(tokens, config.num_values), np.stack(expected["fact"])
   )
   np.testing.assert_array_equal(
-      recall.question_mask_for(tokens, 8), np.stack(expected["question"])
+      recall.relevant_mask_for(tokens, config.num_values), np.stack(expected["relevant"])
   )
-  assert recall.relevant_mask_for(tokens, 8).sum(axis=1).tolist() == [config.fact_tokens] * 8
+  np.testing.assert_array_equal(
+      recall.question_mask_for(tokens, config.num_values), np.stack(expected["question"])
+  )
+  relevant_tokens = recall.relevant_mask_for(tokens, config.num_values).sum(axis=1)
+  assert relevant_tokens.tolist() == [config.fact_tokens] * 8
 
 
 def test_registered_task_tokenizes_bytes_and_scores_exact_match():
@@ -122,6 +132,7 @@ def test_registered_task_tokenizes_bytes_and_scores_exact_match():
         ({"num_values": 11}, "num_values"),
         ({"num_facts": 5, "num_keys": 4}, "num_facts"),
         ({"num_keys": 26, "num_values": 8}, "do not fit"),
+        ({"num_keys": 33, "num_values": 2}, "<= 32"),
         ({"input_length": 40, "min_question_distance": 38, "num_facts": 4}, "leaves"),
         # 9 positions hold 9 plain facts but not 5 marked ones (10 tokens).
         ({"input_length": 40, "min_question_distance": 30, "num_facts": 5,
@@ -131,3 +142,22 @@ def test_registered_task_tokenizes_bytes_and_scores_exact_match():
 def test_bad_configs_name_the_problem(kwargs, message):
   with pytest.raises(ValueError, match=message):
     recall.RecallConfig(**kwargs)
+
+
+@pytest.mark.parametrize("num_facts, num_values", [(16, 8), (32, 4), (10, 4), (3, 8)], ids=str)
+def test_balanced_values_leave_the_value_counts_uninformative(num_facts, num_values):
+  config = recall.RecallConfig(
+      input_length=512, num_facts=num_facts, num_keys=32 if num_facts > 16 else 16,
+      num_values=num_values, fact_marker=True, balanced_values=True,
+  )
+  answers = []
+  for index in range(200):
+    example = recall.generate(config, "train", index)
+    values = [v for _, v in _parse(example["inputs"], num_values)[0].values()]
+    counts = np.bincount(values, minlength=num_values)
+    # Every value as often as any other, within one (distinct values when there are
+    # fewer facts than values)...
+    assert counts.max() - counts.min() <= 1 and counts.max() == -(-num_facts // num_values)
+    answers.append(example["value"])
+  # ...and the asked value is still spread over all of them.
+  assert set(answers) == set(range(num_values))

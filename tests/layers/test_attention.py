@@ -38,8 +38,9 @@ def _numpy_attention(query, key, value, bias=None, mask=None):
   return out
 
 
+@pytest.mark.parametrize("heads_major_kv", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_kernel_matches_numpy(kv_heads):
+def test_kernel_matches_numpy(kv_heads, heads_major_kv):
   rng = np.random.default_rng(0)
   query = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
   key = rng.normal(size=(2, 7, kv_heads, 3)).astype(np.float32)
@@ -47,7 +48,11 @@ def test_kernel_matches_numpy(kv_heads):
   bias = rng.normal(size=(1, 4, 5, 7)).astype(np.float32)
   mask = rng.random(size=(2, 1, 5, 7)) > 0.3
   mask[1, 0, 2, :] = False  # One query row that may attend to nothing.
-  got = attention.dot_product_attention(query, key, value, bias=bias, mask=mask)
+  # Heads-major: the same keys and values given as [batch, kv_heads, keys, head_dim].
+  given = [np.swapaxes(a, 1, 2) if heads_major_kv else a for a in (key, value)]
+  got = attention.dot_product_attention(
+      query, *given, bias=bias, mask=mask, heads_major_kv=heads_major_kv
+  )
   expected = _numpy_attention(query, key, value, bias, mask)
   # Against float64 (tests/tolerances.py): 7 keys; q·k, then weights·v.
   tolerances.assert_close(got, expected, num_terms=7, depth=2)
