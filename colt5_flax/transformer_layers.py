@@ -142,9 +142,10 @@ class CrossAttention(attention.MultiHeadAttention):
   (`cross_key_value/value`): the call that creates the cache computes them from the
   encoded inputs, and every decoding step reads them instead of projecting 16k encoder
   vectors again. They are kept heads-major, [batch, kv_heads, input_length, head_dim],
-  the layout the attention products read, so that no step copies them: in the
-  projections' layout XLA hoisted that copy out of the decoding loop and held a second
-  cache (LongT5-B, multi-head, 16k × 8: 19.0 GiB; docs/benchmarks.md).
+  the layout the attention products read: in the projections' layout XLA copied them
+  into it out of the decoding loop and held a second cache (LongT5-B multi-head at 16k ×
+  8: 19.0 GiB of buffers, now 17.1; its decoder at 4k × 8: 51.8 s, now 24.4;
+  docs/benchmarks.md).
   """
 
   def setup(self):

@@ -197,9 +197,9 @@ def dot_product_attention(
     deterministic: disables dropout.
     dtype: dtype of the returned activations.
     heads_major_kv: key and value are [*batch, kv_heads, k, head_dim], the layout the
-      products read. Decoder cross-attention caches them so: in the projections' layout
-      every decoding step (or XLA, hoisting it out of the loop) copied the whole cache
-      into this one (docs/benchmarks.md, end-to-end inference).
+      products read. Decoder cross-attention caches them so: from the projections'
+      layout XLA copied the whole cache into this one, a second cache
+      (`transformer_layers.CrossAttention`).
 
   Returns:
     [*batch, q, heads, head_dim] in `dtype`.
