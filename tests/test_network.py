@@ -157,22 +157,11 @@ def test_cached_decoding_matches_teacher_forcing(self_kv_heads, cross_kv_heads):
       return variables["cache"], logits[:, 0]
 
     _, stepped = jax.lax.scan(step, variables["cache"], decoder_inputs.T)
-    return teacher_forced, jnp.swapaxes(stepped, 0, 1), encoded, variables["cache"]
+    return teacher_forced, jnp.swapaxes(stepped, 0, 1)
 
-  teacher_forced, stepped, encoded, cache = run(params, inputs, decoder_inputs, targets)
-  teacher_forced, stepped = np.asarray(teacher_forced), np.asarray(stepped)
+  teacher_forced, stepped = map(np.asarray, run(params, inputs, decoder_inputs, targets))
   real = targets > 0
   _assert_close(stepped[real], teacher_forced[real], encoder_layers=1, decoder_layers=2)
-  # The cross-attention keys/values are cached heads-major, [batch, kv_heads, input
-  # length, head_dim]: the encoder's outputs times each kernel, transposed.
-  encoded = np.asarray(encoded, np.float64)
-  for layer in ("layers_0", "layers_1"):
-    kernels = params["decoder"][layer]["encoder_decoder_attention"]
-    cached = cache["decoder"][layer]["encoder_decoder_attention"]["cross_key_value"]["value"]
-    for name, got in zip(("key", "value"), cached, strict=True):
-      kernel = np.asarray(kernels[name]["kernel"], np.float64)
-      expected = np.einsum("bne,ehd->bhnd", encoded, kernel)
-      tolerances.assert_close(got, expected, num_terms=EMBED, depth=1, what=f"{layer} {name}")
 
 
 # ----------------------------------------------------------------------------- packing

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from colt5_flax import transformer_layers
 from colt5_flax.layers import attention
 from tests import tolerances
 
@@ -184,3 +185,34 @@ def test_decode_cache_matches_causal_attention(num_kv_heads):
       np.concatenate(outputs, axis=1), full, num_terms=8, depth=4, programs=2
   )
   assert int(cache["kv_cache"]["cache_index"]) == length
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_cross_attention_caches_heads_major_keys_values_and_matches_numpy(num_kv_heads):
+  # The decoder's cross-attention: the cache holds the encoder's keys and values once,
+  # [batch, kv_heads, input length, head_dim] (the layout the products read), and a
+  # decoding step reading it equals the numpy attention over the encoded inputs.
+  module = transformer_layers.CrossAttention(num_heads=4, head_dim=3, num_kv_heads=num_kv_heads)
+  rng = np.random.default_rng(5)
+  inputs_q = rng.normal(size=(2, 1, 6)).astype(np.float32)
+  encoded = rng.normal(size=(2, 7, 6)).astype(np.float32)
+  mask = attention.make_attention_mask(
+      np.ones((2, 1), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
+  )
+  variables = module.init(jax.random.PRNGKey(0), inputs_q, encoded, decode=True)
+  p = _plain({"params": variables["params"]})
+  inputs_q, encoded64 = inputs_q.astype(np.float64), encoded.astype(np.float64)
+  query = np.einsum("bqe,ehd->bqhd", inputs_q, p["query"]["kernel"])
+  key = np.einsum("bke,ehd->bkhd", encoded64, p["key"]["kernel"])
+  value = np.einsum("bke,ehd->bkhd", encoded64, p["value"]["kernel"])
+  cached_key, cached_value = variables["cache"]["cross_key_value"]["value"]
+  tolerances.assert_close(cached_key, key.transpose(0, 2, 1, 3), num_terms=6, depth=1)
+  tolerances.assert_close(cached_value, value.transpose(0, 2, 1, 3), num_terms=6, depth=1)
+  # A step from the cache; the encoded inputs it is given must not be read again.
+  got, _ = module.apply(
+      variables, inputs_q.astype(np.float32), np.zeros_like(encoded), mask=mask, decode=True,
+      mutable=["cache"],
+  )
+  attended = _numpy_attention(query, key, value, mask=np.asarray(mask))
+  expected = np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"].astype(np.float64))
+  tolerances.assert_close(got, expected, num_terms=12, depth=4)
