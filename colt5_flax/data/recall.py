@@ -70,8 +70,9 @@ class RecallConfig:
     balanced_values: every value is held by as many facts as any other, ±1 (all
       distinct when num_facts <= num_values), so which values an input holds, and how
       often, says nothing of the one asked: a decoder that pools all the facts cannot
-      guess the most frequent one (docs/learning.md §6). Otherwise each fact's value is
-      drawn independently.
+      guess the most frequent one. It also takes away the partial answer "one of the
+      values present" that the lookup's learning starts from, and slows or stops it
+      (docs/learning.md §6). Otherwise each fact's value is drawn independently.
   """
 
   input_length: int = 2048
