@@ -120,6 +120,17 @@ def _plain(variables):
   )
 
 
+def _numpy_projected_attention(p, inputs_q, inputs_kv, mask):
+  """MultiHeadAttention with parameters `p` in float64: (key, value [batch, k, kv_heads,
+  head_dim], output [batch, q, embed]), the projections around `_numpy_attention`."""
+  inputs_q, inputs_kv = (np.asarray(a, np.float64) for a in (inputs_q, inputs_kv))
+  query = np.einsum("bqe,ehd->bqhd", inputs_q, p["query"]["kernel"])
+  key = np.einsum("bke,ehd->bkhd", inputs_kv, p["key"]["kernel"])
+  value = np.einsum("bke,ehd->bkhd", inputs_kv, p["value"]["kernel"])
+  attended = _numpy_attention(query, key, value, mask=np.asarray(mask))
+  return key, value, np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"].astype(np.float64))
+
+
 @pytest.mark.parametrize("num_kv_heads", [None, 1])
 def test_multi_head_attention_matches_numpy(num_kv_heads):
   module = attention.MultiHeadAttention(num_heads=4, head_dim=3, num_kv_heads=num_kv_heads)
@@ -132,12 +143,7 @@ def test_multi_head_attention_matches_numpy(num_kv_heads):
       np.ones((2, 5), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
   )
   got = module.apply(variables, inputs_q, inputs_kv, mask=mask)
-  inputs_q, inputs_kv = inputs_q.astype(np.float64), inputs_kv.astype(np.float64)
-  query = np.einsum("bqe,ehd->bqhd", inputs_q, p["query"]["kernel"])
-  key = np.einsum("bke,ehd->bkhd", inputs_kv, p["key"]["kernel"])
-  value = np.einsum("bke,ehd->bkhd", inputs_kv, p["value"]["kernel"])
-  attended = _numpy_attention(query, key, value, mask=np.asarray(mask))
-  expected = np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"].astype(np.float64))
+  _, _, expected = _numpy_projected_attention(p, inputs_q, inputs_kv, mask)
   # Projections in and out around the kernel: depth 4; the widest sum is heads × head_dim.
   tolerances.assert_close(got, expected, num_terms=12, depth=4)
   kv_shape = (6, 4 if num_kv_heads is None else 1, 3)
@@ -201,18 +207,12 @@ def test_cross_attention_caches_heads_major_keys_values_and_matches_numpy(num_kv
   )
   variables = module.init(jax.random.PRNGKey(0), inputs_q, encoded, decode=True)
   p = _plain({"params": variables["params"]})
-  inputs_q, encoded64 = inputs_q.astype(np.float64), encoded.astype(np.float64)
-  query = np.einsum("bqe,ehd->bqhd", inputs_q, p["query"]["kernel"])
-  key = np.einsum("bke,ehd->bkhd", encoded64, p["key"]["kernel"])
-  value = np.einsum("bke,ehd->bkhd", encoded64, p["value"]["kernel"])
+  key, value, expected = _numpy_projected_attention(p, inputs_q, encoded, mask)
   cached_key, cached_value = variables["cache"]["cross_key_value"]["value"]
   tolerances.assert_close(cached_key, key.transpose(0, 2, 1, 3), num_terms=6, depth=1)
   tolerances.assert_close(cached_value, value.transpose(0, 2, 1, 3), num_terms=6, depth=1)
   # A step from the cache; the encoded inputs it is given must not be read again.
   got, _ = module.apply(
-      variables, inputs_q.astype(np.float32), np.zeros_like(encoded), mask=mask, decode=True,
-      mutable=["cache"],
+      variables, inputs_q, np.zeros_like(encoded), mask=mask, decode=True, mutable=["cache"]
   )
-  attended = _numpy_attention(query, key, value, mask=np.asarray(mask))
-  expected = np.einsum("bqhd,hde->bqe", attended, p["out"]["kernel"].astype(np.float64))
   tolerances.assert_close(got, expected, num_terms=12, depth=4)
