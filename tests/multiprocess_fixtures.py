@@ -9,7 +9,7 @@
   every process writing the persistent compilation cache (below), and fault hooks set per
   process by environment:
   `COLT5_TEST_SIGTERM_AT_STEP=<step>`: the process sends itself SIGTERM once that step has
-  run (a scheduler preempting the job); `COLT5_TEST_SIGKILL_IN_SAVE=<step>`: SIGKILL right
+  run (a scheduler preempting the job), then pauses while JAX notices it; `COLT5_TEST_SIGKILL_IN_SAVE=<step>`: SIGKILL right
   after the save of that step has started, before its files are written (a host lost
   mid-save).
 
@@ -140,6 +140,14 @@ def _cache_in_every_process() -> None:
   compiler._cache_write = write
 
 
+# JAX's SIGTERM listener (XLA's SigtermNotifier) looks for the signal once a second, then
+# tells the coordination service, whose notice starts the agreement on a step in every
+# process. The test's steps take tens of milliseconds, so without a pause the run can end
+# before that (CI: no process saw the notice within the 9 steps left). A scheduler's
+# grace period is far longer than one real step, so only the test needs the pause.
+PREEMPTION_NOTICE_SECONDS = 3.0  # the 1 s poll, then RPCs on a loaded machine
+
+
 def _install_sigterm_at(step: int) -> None:
   from colt5_flax import trainer as trainer_lib
 
@@ -149,6 +157,7 @@ def _install_sigterm_at(step: int) -> None:
     new_state, metrics = original_step(self, state, batch)
     if int(new_state.step) == step:
       os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(PREEMPTION_NOTICE_SECONDS)
     return new_state, metrics
 
   trainer_lib.Trainer.train_step = step_then_maybe_signal
