@@ -9,9 +9,9 @@
   every process writing the persistent compilation cache (below), and fault hooks set per
   process by environment:
   `COLT5_TEST_SIGTERM_AT_STEP=<step>`: the process sends itself SIGTERM once that step has
-  run (a scheduler preempting the job), then pauses while JAX notices it; `COLT5_TEST_SIGKILL_IN_SAVE=<step>`: SIGKILL right
-  after the save of that step has started, before its files are written (a host lost
-  mid-save).
+  run (a scheduler preempting the job), then pauses while JAX notices it;
+  `COLT5_TEST_SIGKILL_IN_SAVE=<step>`: SIGKILL right after the save of that step has
+  started, before its files are written (a host lost mid-save).
 
 JAX writes persistent-cache entries from process 0 only, and on CPU the other processes'
 cache keys differ from process 0's (measured: process 1 missed in every run and compiled
