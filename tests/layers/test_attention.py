@@ -120,6 +120,14 @@ def _plain(variables):
   )
 
 
+def _mask_with_padded_keys(q_len):
+  """[2, 1, q_len, 7]: every query of both rows may attend to the 7 keys, except the
+  second row's last 3 (padding)."""
+  return attention.make_attention_mask(
+      np.ones((2, q_len), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
+  )
+
+
 def _numpy_projected_attention(p, inputs_q, inputs_kv, mask):
   """MultiHeadAttention with parameters `p` in float64: (key, value [batch, k, kv_heads,
   head_dim], output [batch, q, embed]), the projections around `_numpy_attention`."""
@@ -139,9 +147,7 @@ def test_multi_head_attention_matches_numpy(num_kv_heads):
   inputs_kv = rng.normal(size=(2, 7, 6)).astype(np.float32)
   variables = module.init(jax.random.PRNGKey(0), inputs_q, inputs_kv)
   p = _plain(variables)
-  mask = attention.make_attention_mask(
-      np.ones((2, 5), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
-  )
+  mask = _mask_with_padded_keys(5)
   got = module.apply(variables, inputs_q, inputs_kv, mask=mask)
   _, _, expected = _numpy_projected_attention(p, inputs_q, inputs_kv, mask)
   # Projections in and out around the kernel: depth 4; the widest sum is heads × head_dim.
@@ -202,9 +208,7 @@ def test_cross_attention_caches_heads_major_keys_values_and_matches_numpy(num_kv
   rng = np.random.default_rng(5)
   inputs_q = rng.normal(size=(2, 1, 6)).astype(np.float32)
   encoded = rng.normal(size=(2, 7, 6)).astype(np.float32)
-  mask = attention.make_attention_mask(
-      np.ones((2, 1), bool), np.array([[True] * 7, [True] * 4 + [False] * 3])
-  )
+  mask = _mask_with_padded_keys(1)
   variables = module.init(jax.random.PRNGKey(0), inputs_q, encoded, decode=True)
   p = _plain({"params": variables["params"]})
   key, value, expected = _numpy_projected_attention(p, inputs_q, encoded, mask)
