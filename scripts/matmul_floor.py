@@ -1,0 +1,142 @@
+r"""A benchmark case's matmul floor: every product of its program, each timed alone.
+
+  .venv/bin/python scripts/matmul_floor.py --kind=colt5 --mode=fwd_bwd --length=16384 \
+    [--width=base] [--scope=layer] [--repeats=5]
+
+Traces the case exactly as `scripts/benchmark.py` builds it (`benchmarking.ours`), collects
+every `dot_general` of its jaxpr (forward and, for `fwd_bwd`, the backward's products),
+and times each distinct one alone: a jitted `lax.dot_general` with the same shapes,
+dimension numbers and dtype on random operands (median of `--repeats` runs). The sum,
+weighted by how often each product occurs, is the time the case's matmuls take one after
+the other at the rate the library reaches on their shapes: when the whole case runs near
+it, what is left to gain is in the products themselves, not in the operations around them
+(docs/benchmarks.md, "Where the time goes"). Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+_KIND = flags.DEFINE_string("kind", "colt5", "Model kind (scripts/benchmark.py --kinds).")
+_MODE = flags.DEFINE_enum("mode", "fwd_bwd", ["fwd", "fwd_bwd"], "Forward or training.")
+_LENGTH = flags.DEFINE_integer("length", 16384, "Input tokens.")
+_WIDTH = flags.DEFINE_enum("width", "base", ["tiny", "base", "large", "xl"], "Model size.")
+_SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "encoder"], "One layer or the encoder.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each product (median).")
+
+
+def case_products(case) -> collections.Counter:
+  """{(lhs aval, rhs aval, dimension_numbers): count} of the case's program."""
+  import jax
+  from benchmarking import ours
+
+  products = collections.Counter()
+
+  def collect(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        lhs, rhs = (var.aval for var in eqn.invars)
+        products[(lhs, rhs, eqn.params["dimension_numbers"])] += 1
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else (param,):
+          inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr or Jaxpr
+          if hasattr(inner, "eqns"):
+            collect(inner)
+
+  # `prepare_case` traces and compiles inside its gin scope; trace the same step there.
+  jit = jax.jit
+
+  def tracing_jit(fun, *args, **kwargs):
+    jitted = jit(fun, *args, **kwargs)
+
+    class Traced:
+
+      def __call__(self, *call_args, **call_kwargs):
+        return jitted(*call_args, **call_kwargs)
+
+      def lower(self, *call_args):
+        collect(jax.make_jaxpr(fun)(*call_args).jaxpr)
+        return jitted.lower(*call_args)
+
+    return Traced()
+
+  jax.jit = tracing_jit
+  try:
+    _, run, _ = ours.prepare_case(case)
+  finally:
+    jax.jit = jit
+  if run is None:
+    raise SystemExit("case skipped")
+  return products
+
+
+def product_flops(lhs_shape, rhs_shape, dimension_numbers) -> int:
+  """2 × (output elements) × (contracted size) of one `dot_general`."""
+  (_, rhs_contract), (_, rhs_batch) = dimension_numbers
+  size = 1
+  for extent in lhs_shape:
+    size *= extent  # the left operand's batch, free and contracted axes
+  for axis, extent in enumerate(rhs_shape):
+    if axis not in rhs_contract and axis not in rhs_batch:
+      size *= extent  # the right operand's free axes
+  return 2 * size
+
+
+def time_product(lhs, rhs, dimension_numbers, repeats: int) -> tuple[float, float]:
+  """(seconds, FLOPs) of one product alone."""
+  import jax
+  import numpy as np
+
+  keys = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(keys[0], lhs.shape).astype(lhs.dtype)
+  b = jax.random.normal(keys[1], rhs.shape).astype(rhs.dtype)
+  product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers))
+  product(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), float(product_flops(lhs.shape, rhs.shape, dimension_numbers))
+
+
+def main(argv):
+  del argv
+  from benchmarking.cases import Case
+
+  case = Case(
+      kind=_KIND.value,
+      scope=_SCOPE.value,
+      mode=_MODE.value,
+      length=_LENGTH.value,
+      width=_WIDTH.value,
+  )
+  products = case_products(case)
+  rows, total_s, total_flops = [], 0.0, 0.0
+  for (lhs, rhs, numbers), count in products.items():
+    seconds, flops = time_product(lhs, rhs, numbers, _REPEATS.value)
+    rows.append((count * seconds, count, lhs, rhs, numbers, seconds, flops))
+    total_s += count * seconds
+    total_flops += count * flops
+  print(
+      f"{case.kind} {case.scope} {case.mode} {case.length} ({case.width}): "
+      f"{sum(products.values())} products, {total_flops / 1e9:.1f} GFLOP; timed alone "
+      f"they take {total_s * 1e3:.0f} ms ({total_flops / total_s / 1e9:.1f} GFLOP/s)"
+  )
+  print("\n| product | dimension numbers | calls | ms each | GFLOP/s |\n|---|---|---|---|---|")
+  for _, count, lhs, rhs, numbers, seconds, flops in sorted(rows, key=lambda r: -r[0]):
+    print(
+        f"| {lhs.str_short()} · {rhs.str_short()} | {numbers} | {count} "
+        f"| {seconds * 1e3:.1f} | {flops / seconds / 1e9:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)
