@@ -23,12 +23,8 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarking import case_flags  # noqa: E402  (defines --kind, --mode, --length, ...)
 
-_KIND = flags.DEFINE_string("kind", "colt5", "Model kind (scripts/benchmark.py --kinds).")
-_MODE = flags.DEFINE_enum("mode", "fwd_bwd", ["fwd", "fwd_bwd"], "Forward or training.")
-_LENGTH = flags.DEFINE_integer("length", 16384, "Input tokens.")
-_WIDTH = flags.DEFINE_enum("width", "base", ["tiny", "base", "large", "xl"], "Model size.")
-_SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "encoder"], "One layer or the encoder.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each product (median).")
 
 
@@ -109,15 +105,7 @@ def time_product(lhs, rhs, dimension_numbers, repeats: int) -> tuple[float, floa
 
 def main(argv):
   del argv
-  from benchmarking.cases import Case
-
-  case = Case(
-      kind=_KIND.value,
-      scope=_SCOPE.value,
-      mode=_MODE.value,
-      length=_LENGTH.value,
-      width=_WIDTH.value,
-  )
+  case = case_flags.case()
   products = case_products(case)
   rows, total_s, total_flops = [], 0.0, 0.0
   for (lhs, rhs, numbers), count in products.items():

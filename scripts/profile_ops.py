@@ -31,12 +31,8 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarking import case_flags  # noqa: E402  (defines --kind, --mode, --length, ...)
 
-_KIND = flags.DEFINE_string("kind", "colt5", "Model kind (scripts/benchmark.py --kinds).")
-_MODE = flags.DEFINE_enum("mode", "fwd_bwd", ["fwd", "fwd_bwd"], "Forward or training.")
-_LENGTH = flags.DEFINE_integer("length", 16384, "Input tokens.")
-_WIDTH = flags.DEFINE_enum("width", "base", ["tiny", "base", "large", "xl"], "Model size.")
-_SCOPE = flags.DEFINE_enum("scope", "layer", ["layer", "encoder"], "One layer or the encoder.")
 _TOP = flags.DEFINE_integer("top", 30, "Operations listed.")
 _JSON = flags.DEFINE_string("json", None, "Also write the tables here.")
 
@@ -130,15 +126,7 @@ def profile(case) -> dict:
 
 def main(argv):
   del argv
-  from benchmarking.cases import Case
-
-  case = Case(
-      kind=_KIND.value,
-      scope=_SCOPE.value,
-      mode=_MODE.value,
-      length=_LENGTH.value,
-      width=_WIDTH.value,
-  )
+  case = case_flags.case()
   result = profile(case)
   print(
       f"{case.kind} {case.scope} {case.mode} {case.length} ({case.width}): one run "
