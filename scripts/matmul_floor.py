@@ -16,9 +16,9 @@ it, what is left to gain is in the products themselves, not in the operations ar
 from __future__ import annotations
 
 import collections
+import math
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -46,28 +46,19 @@ def case_products(case) -> collections.Counter:
           if hasattr(inner, "eqns"):
             collect(inner)
 
-  # `prepare_case` traces and compiles inside its gin scope; trace the same step there.
-  jit = jax.jit
+  # `prepare_case` traces and lowers the step inside its gin scope: read the jaxpr of that
+  # trace as it is lowered (as scripts/profile_ops.py keeps the compiled program).
+  lower = jax.stages.Traced.lower
 
-  def tracing_jit(fun, *args, **kwargs):
-    jitted = jit(fun, *args, **kwargs)
+  def collect_and_lower(self, *args, **kwargs):
+    collect(self.jaxpr.jaxpr)
+    return lower(self, *args, **kwargs)
 
-    class Traced:
-
-      def __call__(self, *call_args, **call_kwargs):
-        return jitted(*call_args, **call_kwargs)
-
-      def lower(self, *call_args):
-        collect(jax.make_jaxpr(fun)(*call_args).jaxpr)
-        return jitted.lower(*call_args)
-
-    return Traced()
-
-  jax.jit = tracing_jit
+  jax.stages.Traced.lower = collect_and_lower
   try:
     _, run, _ = ours.prepare_case(case)
   finally:
-    jax.jit = jit
+    jax.stages.Traced.lower = lower
   if run is None:
     raise SystemExit("case skipped")
   return products
@@ -86,21 +77,21 @@ def product_flops(lhs_shape, rhs_shape, dimension_numbers) -> int:
 
 
 def time_product(lhs, rhs, dimension_numbers, repeats: int) -> tuple[float, float]:
-  """(seconds, FLOPs) of one product alone."""
+  """(seconds, FLOPs) of one product alone: the median of `repeats` runs after a warm-up."""
   import jax
-  import numpy as np
+  from benchmarking import measure
 
   keys = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(keys[0], lhs.shape).astype(lhs.dtype)
   b = jax.random.normal(keys[1], rhs.shape).astype(rhs.dtype)
   product = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers))
-  product(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    product(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), float(product_flops(lhs.shape, rhs.shape, dimension_numbers))
+  timing = measure.time_runs(
+      lambda: product(a, b).block_until_ready(),
+      warmup=1,
+      repeats=repeats,
+      max_case_s=math.inf,
+  )
+  return timing["ms"] / 1e3, float(product_flops(lhs.shape, rhs.shape, dimension_numbers))
 
 
 def main(argv):
