@@ -13,6 +13,7 @@ Packed inputs (`segment_ids`, seqio/t5x convention) are ours: transformers has n
 Local attention stays within a segment; transient-global blocks are counted from each
 segment's start and a token attends only to its own segment's globals.
 """
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -276,7 +277,13 @@ class LocalSelfAttention(_BlockedLocalAttention):
       light branch reads "light_relpos_bias").
     dtype: activation dtype; the softmax is float32 whatever it is.
     dropout_rate: dropout on the attention weights.
+    block_groups: attend the blocks in this many independent groups of neighbours (fewer
+      if it does not divide the block count), same result: XLA:CPU runs a batched product
+      of small windows on one thread, independent groups on separate threads (CoLT5's
+      layer, 16k, 2 cores: forward+backward 4.31 → 4.16 s; docs/benchmarks.md).
   """
+
+  block_groups: int = 2
 
   def __call__(
       self,
@@ -302,18 +309,20 @@ class LocalSelfAttention(_BlockedLocalAttention):
       [batch, length, embed] in `dtype`; exactly 0 at padding positions.
     """
     mask = _check_inputs(x, mask, segment_ids)
+    if type(self.block_groups) is not int or self.block_groups < 1:
+      raise ValueError(f"block_groups must be an int >= 1, got {self.block_groups!r}")
     batch, length, embed = x.shape
     query, key, value = self._project_blocked(x)
     # [batch, num_blocks, 1, block_len, 3 * block_len], broadcast over heads.
     window_mask = local_window_mask(mask, segment_ids, self.block_len)[:, :, None]
-    attended = self.attention.attend(
-        query,
-        key,
-        value,
-        mask=window_mask,
-        bias=self._window_bias(tables),
-        enable_dropout=enable_dropout,
-    )
+    bias = self._window_bias(tables)
+    size = query.shape[1] // math.gcd(self.block_groups, query.shape[1])
+    parts = []
+    for start in range(0, query.shape[1], size):
+      blocks = slice(start, start + size)
+      q, k, v, m = (a[:, blocks] for a in (query, key, value, window_mask))
+      parts.append(self.attention.attend(q, k, v, mask=m, bias=bias, enable_dropout=enable_dropout))
+    attended = jnp.concatenate(parts, axis=1)
     return self._unblock_and_project(attended, length, embed)
 
 

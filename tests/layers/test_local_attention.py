@@ -255,7 +255,8 @@ def _assert_close(got, expected, *, kind, length):
 
 @pytest.mark.parametrize(
     "radius,length",
-    [(3, 12), (4, 12), (20, 12), (0, 5)],  # block 4 divides 12; block 5 does not; r > n; self only
+    # block 4 divides 12; block 5 does not; r > n; self only; 4 blocks in 2 groups
+    [(3, 12), (4, 12), (20, 12), (0, 5), (3, 16)],
 )
 # Padding without packing is also what the transformers comparisons below check.
 @pytest.mark.parametrize("padded,packed", [(False, False), (True, True)])
@@ -524,6 +525,9 @@ def test_bad_inputs_raise():
   bad_radius = la.LocalSelfAttention(num_heads=HEADS, local_radius=-1)
   with pytest.raises(ValueError, match="local_radius"):
     jax.eval_shape(bad_radius.init, jax.random.key(0), x)
+  no_groups = la.LocalSelfAttention(num_heads=HEADS, local_radius=3, block_groups=0)
+  with pytest.raises(ValueError, match="block_groups"):
+    jax.eval_shape(no_groups.init, jax.random.key(0), x)
 
 
 # ----------------------------------------------------------------------------- memory
