@@ -94,9 +94,51 @@ def _einsum_backward(spec, preferred_element_type, residuals, grad):
   a, b = residuals
   inputs, out = spec.split("->")
   lhs, rhs = inputs.split(",")
-  da = jnp.einsum(f"{out},{rhs}->{lhs}", grad, b, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{lhs},{out}->{rhs}", a, grad, preferred_element_type=jnp.float32)
+  da = _product(out, rhs, lhs, grad, b)
+  db = _product(lhs, out, rhs, a, grad)
   return da.astype(a.dtype), db.astype(b.dtype)
+
+
+def _extents(term: str, shape) -> dict[str, int]:
+  """{index: extent} of one einsum operand; `...` (leading) is one index, their product."""
+  named = list(term.replace("...", ""))
+  extents = dict(zip(named, shape[len(shape) - len(named) :], strict=True))
+  if term.startswith("..."):
+    extents["..."] = math.prod(shape[: len(shape) - len(named)])
+  return extents
+
+
+def _product(x_term: str, y_term: str, out_term: str, x: jax.Array, y: jax.Array):
+  """`einsum(x, y -> out)` in float32, as one product that reads its larger operand in
+  that operand's own layout when the result is no larger: the operand goes left when its
+  contracted indices follow its free ones, right when they lead them, and the (smaller)
+  result is transposed after. Left to XLA:CPU, the heavy branch's key gradient dSᵀ·Q first
+  copied the [8, 1024, 2048] logits' gradient into [8, 2048, 1024] order."""
+  plain = f"{x_term},{y_term}->{out_term}"
+  terms = sorted([(x, x_term), (y, y_term)], key=lambda operand: -operand[0].size)
+  (big, big_term), (small, small_term) = terms
+  index = {term: (["..."] if term.startswith("...") else []) + list(term.replace("...", ""))
+           for term in (big_term, small_term, out_term)}
+  extents = _extents(big_term, big.shape) | _extents(small_term, small.shape)
+  big_idx, small_idx, out_idx = index[big_term], index[small_term], index[out_term]
+  batch = [i for i in big_idx if i in out_idx and i in small_idx]
+  contracted = [i for i in big_idx if i not in out_idx]
+  rest = big_idx[len(batch) :]
+  free = [i for i in rest if i not in contracted]
+  small_free = [i for i in small_idx if i in out_idx and i not in batch]
+  arranged = None
+  if math.prod(extents[i] for i in out_idx) > big.size or big_idx[: len(batch)] != batch:
+    pass
+  elif contracted and rest[len(rest) - len(contracted) :] == contracted:
+    arranged = (f"{big_term},{small_term}", (big, small), batch + free + small_free)
+  elif contracted and rest[: len(contracted)] == contracted:
+    arranged = (f"{small_term},{big_term}", (small, big), batch + small_free + free)
+  if arranged is None:
+    return jnp.einsum(plain, x, y, preferred_element_type=jnp.float32)
+  inputs, operands, natural = arranged
+  natural = "".join(natural)
+  result = jnp.einsum(f"{inputs}->{natural}", *operands, preferred_element_type=jnp.float32)
+  return result if natural == out_term else jnp.einsum(f"{natural}->{out_term}", result)
 
 
 _einsum.defvjp(_einsum_forward, _einsum_backward)

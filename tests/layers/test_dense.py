@@ -67,6 +67,11 @@ def test_dense_names_mismatched_axes():
         ("...qhgd,...khd->...hgqk", (2, 3, 5, 2, 2, 4), (2, 3, 6, 2, 4)),
         # weights · values
         ("...hgqk,...khd->...qhgd", (2, 2, 2, 5, 6), (2, 6, 2, 4)),
+        # attention_part's heads-major products: the gradients of the logits' key and the
+        # values read the [.., q, k] gradient or weights as the right operand and transpose
+        # their small results (dense._product)
+        ("...hgqd,...hkd->...hgqk", (2, 3, 2, 2, 5, 4), (2, 3, 2, 6, 4)),
+        ("...hgqk,...hkd->...hgqd", (3, 2, 2, 5, 6), (3, 2, 6, 4)),
     ],
 )
 def test_einsum_values_and_gradients_match_numpy(spec, a_shape, b_shape):
