@@ -39,10 +39,7 @@ def _pad_to_multiple(x, multiple: int, axis: int, pad_value):
 
 
 def split_into_blocks(x, block_len: int, axis: int, pad_value=0):
-  """[..., length, ...] -> [..., num_blocks, block_len, ...], padding the end of `axis`.
-
-  num_blocks = ceil(length / block_len).
-  """
+  """[..., length, ...] -> [..., ceil(length / block_len), block_len, ...], `axis` padded."""
   axis = axis % x.ndim
   x = _pad_to_multiple(x, block_len, axis, pad_value)
   return x.reshape(x.shape[:axis] + (x.shape[axis] // block_len, block_len) + x.shape[axis + 1 :])
@@ -123,10 +120,8 @@ def global_block_ids(mask, global_block_size: int, segment_ids=None):
   mask = jnp.asarray(mask, bool)
   batch, length = mask.shape
   index = jnp.arange(length, dtype=jnp.int32)
-  if segment_ids is None:
-    segment = jnp.zeros((batch, length), jnp.int32)
-  else:
-    segment = jnp.asarray(segment_ids, jnp.int32)
+  segment = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
+  segment = jnp.asarray(segment, jnp.int32)
   changes = segment[:, 1:] != segment[:, :-1]
   edge = jnp.ones((batch, 1), bool)
   is_first = jnp.concatenate([edge, changes], axis=1)
@@ -185,9 +180,8 @@ def _check_inputs(x, mask, segment_ids):
   elif mask.shape != (batch, length):
     raise ValueError(f"mask shape {mask.shape} != (batch, length) = {(batch, length)}")
   if segment_ids is not None and segment_ids.shape != (batch, length):
-    raise ValueError(
-        f"segment_ids shape {segment_ids.shape} != (batch, length) = {(batch, length)}"
-    )
+    raise ValueError(f"segment_ids shape {segment_ids.shape} != (batch, length) = "
+                     f"{(batch, length)}")
   return jnp.asarray(mask, bool)
 
 
@@ -201,6 +195,7 @@ class _BlockedLocalAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
+  block_groups: int = 2  # `_grouped`
 
   @property
   def block_len(self) -> int:
@@ -246,6 +241,21 @@ class _BlockedLocalAttention(nn.Module):
     value = concat_3_blocks(split_into_blocks(value, self.block_len, axis=1), block_axis=1)
     return query, key, value
 
+  def _grouped(self, attend, *blocked):
+    """`attend(group, *its blocks of each array)` over `block_groups` runs of blocks (axis 1;
+    fewer if they do not divide the count), joined: the same result, but XLA:CPU runs each
+    batched product of small windows on one thread and independent groups side by side
+    (CoLT5's layer, 16k, 2 cores, forward+backward: 4.31 → 4.16 s; docs/benchmarks.md)."""
+    if type(self.block_groups) is not int or self.block_groups < 1:
+      raise ValueError(f"block_groups must be an int >= 1, got {self.block_groups!r}")
+    blocks = blocked[0].shape[1]
+    size = blocks // math.gcd(self.block_groups, blocks)
+    parts = [
+        attend(group, *(a[:, start : start + size] for a in blocked))
+        for group, start in enumerate(range(0, blocks, size))
+    ]
+    return jax.tree.map(lambda *pieces: jnp.concatenate(pieces, axis=1), *parts)
+
   def _project_output(self, attended, embed: int):
     """[batch, length, heads, head_dim] -> [batch, length, embed]."""
     out = self.attention.project_output(attended, embed)
@@ -277,13 +287,7 @@ class LocalSelfAttention(_BlockedLocalAttention):
       light branch reads "light_relpos_bias").
     dtype: activation dtype; the softmax is float32 whatever it is.
     dropout_rate: dropout on the attention weights.
-    block_groups: attend the blocks in this many independent groups of neighbours (fewer
-      if it does not divide the block count), same result: XLA:CPU runs a batched product
-      of small windows on one thread, independent groups on separate threads (CoLT5's
-      layer, 16k, 2 cores: forward+backward 4.31 → 4.16 s; docs/benchmarks.md).
   """
-
-  block_groups: int = 2
 
   def __call__(
       self,
@@ -309,20 +313,17 @@ class LocalSelfAttention(_BlockedLocalAttention):
       [batch, length, embed] in `dtype`; exactly 0 at padding positions.
     """
     mask = _check_inputs(x, mask, segment_ids)
-    if type(self.block_groups) is not int or self.block_groups < 1:
-      raise ValueError(f"block_groups must be an int >= 1, got {self.block_groups!r}")
     batch, length, embed = x.shape
     query, key, value = self._project_blocked(x)
     # [batch, num_blocks, 1, block_len, 3 * block_len], broadcast over heads.
     window_mask = local_window_mask(mask, segment_ids, self.block_len)[:, :, None]
     bias = self._window_bias(tables)
-    size = query.shape[1] // math.gcd(self.block_groups, query.shape[1])
-    parts = []
-    for start in range(0, query.shape[1], size):
-      blocks = slice(start, start + size)
-      q, k, v, m = (a[:, blocks] for a in (query, key, value, window_mask))
-      parts.append(self.attention.attend(q, k, v, mask=m, bias=bias, enable_dropout=enable_dropout))
-    attended = jnp.concatenate(parts, axis=1)
+
+    def attend(group, query, key, value, mask):
+      return self.attention.attend(query, key, value, mask=mask, bias=bias,
+                                   enable_dropout=enable_dropout)
+
+    attended = self._grouped(attend, query, key, value, window_mask)
     return self._unblock_and_project(attended, length, embed)
 
 
@@ -405,15 +406,15 @@ class TransientGlobalSelfAttention(_BlockedLocalAttention):
     # One softmax over two parts of the keys (`attention.combine_attention_parts`): the
     # blocked window, and the globals read by every query from one [batch, G] copy, so
     # neither the global keys nor their bias are copied into each block.
-    window = attention.attention_part(
-        query,
-        key,
-        value,
-        mask=local_window_mask(mask, segment_ids, block_len)[:, :, None],
-        bias=self._window_bias(tables),
-        dropout_rng=rng,
-        **dropout,
-    )
+    bias = self._window_bias(tables)
+
+    def attend(group, query, key, value, mask):  # group 0 keeps rng; the globals fold in 1
+      group_rng = None if rng is None else rng if not group else jax.random.fold_in(rng, group + 1)
+      return attention.attention_part(query, key, value, mask=mask, bias=bias,
+                                      dropout_rng=group_rng, **dropout)
+
+    window = self._grouped(attend, query, key, value,
+                           local_window_mask(mask, segment_ids, block_len)[:, :, None])
     window = attention.AttentionPart(*(unblock(part, length) for part in window))
     parts = [window]
     if num_globals:  # inputs shorter than one global block have none
