@@ -50,7 +50,9 @@ def plot(rows: list[dict], path: str) -> None:
   styles = {"layer": "-", "encoder": "--", "train_step": "-.", "inference": "-."}
   markers = {"layer": "o", "encoder": "s", "train_step": "^", "inference": "v"}
   models = [*cases.kinds_of_scope("inference"), *(f"peer:{peer}" for peer in cases.PEERS)]
-  colors = {model: f"C{i}" for i, model in enumerate(models)}
+  # "C0".."C9" alone repeat after the tenth model, giving a peer a baseline's colour.
+  palette = [f"C{i}" for i in range(10)] + ["black", "dimgray", "teal", "maroon", "olive"]
+  colors = {model: palette[i % len(palette)] for i, model in enumerate(models)}
   for column, mode in enumerate(modes):
     series: dict[tuple[str, str, int], list[dict]] = {}
     for row in rows:
