@@ -287,6 +287,7 @@ class LocalSelfAttention(_BlockedLocalAttention):
       light branch reads "light_relpos_bias").
     dtype: activation dtype; the softmax is float32 whatever it is.
     dropout_rate: dropout on the attention weights.
+    block_groups: independent groups the blocks are attended in (`_grouped`; same result).
   """
 
   def __call__(
