@@ -48,19 +48,9 @@ def case_products(case) -> collections.Counter:
 
   # `prepare_case` traces and lowers the step inside its gin scope: read the jaxpr of that
   # trace as it is lowered (as scripts/profile_ops.py keeps the compiled program).
-  lower = jax.stages.Traced.lower
-
-  def collect_and_lower(self, *args, **kwargs):
-    collect(self.jaxpr.jaxpr)
-    return lower(self, *args, **kwargs)
-
-  jax.stages.Traced.lower = collect_and_lower
-  try:
-    _, run, _ = ours.prepare_case(case)
-  finally:
-    jax.stages.Traced.lower = lower
-  if run is None:
-    raise SystemExit("case skipped")
+  ours.prepare_case_observed(
+      case, jax.stages.Traced, "lower", lambda traced, _: collect(traced.jaxpr.jaxpr)
+  )
   return products
 
 

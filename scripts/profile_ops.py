@@ -78,19 +78,11 @@ def profile(case) -> dict:
   from benchmarking import ours
 
   compiled = {}
-  compile_ = jax.stages.Lowered.compile
 
-  def keep(self, *args, **kwargs):
-    compiled["program"] = compile_(self, *args, **kwargs)
-    return compiled["program"]
+  def keep(lowered, program):
+    compiled["program"] = program
 
-  jax.stages.Lowered.compile = keep
-  try:
-    row, run, _ = ours.prepare_case(case)
-  finally:
-    jax.stages.Lowered.compile = compile_
-  if run is None:
-    raise SystemExit(f"case skipped: {row.get('note')}")
+  run = ours.prepare_case_observed(case, jax.stages.Lowered, "compile", keep)
   run(), run()
   with tempfile.TemporaryDirectory() as trace_dir:
     start = time.perf_counter()

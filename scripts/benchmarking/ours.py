@@ -96,6 +96,28 @@ def prepare_case(case: Case) -> tuple[dict[str, Any], Any, dict[str, Any]]:
   return row, run, {}
 
 
+def prepare_case_observed(case: Case, owner: type, method: str, observe) -> Any:
+  """`prepare_case(case)` with `observe(stage, result)` after each call of `owner.method`
+  (`jax.stages.Traced.lower`, `jax.stages.Lowered.compile`) while the case is built: the
+  program the benchmark times, not a second trace of it. Returns the case's `run`; exits
+  naming the reason when the case is skipped."""
+  original = getattr(owner, method)
+
+  def observed(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    observe(self, result)
+    return result
+
+  setattr(owner, method, observed)
+  try:
+    row, run, _ = prepare_case(case)
+  finally:
+    setattr(owner, method, original)
+  if run is None:
+    raise SystemExit(f"case skipped: {row.get('note')}")
+  return run
+
+
 def run_case(case: Case) -> dict[str, Any]:
   """Compiles and times one case of ours in this process; returns its result row."""
   import jax
