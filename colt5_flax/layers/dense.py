@@ -99,8 +99,13 @@ def _einsum_backward(spec, preferred_element_type, residuals, grad):
   return da.astype(a.dtype), db.astype(b.dtype)
 
 
+def _indices(term: str) -> list[str]:
+  """An einsum term's indices, a leading `...` as one."""
+  return (["..."] if term.startswith("...") else []) + list(term.replace("...", ""))
+
+
 def _extents(term: str, shape) -> dict[str, int]:
-  """{index: extent} of one einsum operand; `...` (leading) is one index, their product."""
+  """{index: extent} of one einsum operand; `...` is one index, the product of its axes."""
   named = list(term.replace("...", ""))
   extents = dict(zip(named, shape[len(shape) - len(named) :], strict=True))
   if term.startswith("..."):
@@ -114,27 +119,28 @@ def _product(x_term: str, y_term: str, out_term: str, x: jax.Array, y: jax.Array
   contracted indices follow its free ones, right when they lead them, and the (smaller)
   result is transposed after. Left to XLA:CPU, the heavy branch's key gradient dSᵀ·Q first
   copied the [8, 1024, 2048] logits' gradient into [8, 2048, 1024] order."""
-  plain = f"{x_term},{y_term}->{out_term}"
-  terms = sorted([(x, x_term), (y, y_term)], key=lambda operand: -operand[0].size)
-  (big, big_term), (small, small_term) = terms
-  index = {term: (["..."] if term.startswith("...") else []) + list(term.replace("...", ""))
-           for term in (big_term, small_term, out_term)}
+  (big, big_term), (small, small_term) = sorted(
+      [(x, x_term), (y, y_term)], key=lambda operand: -operand[0].size
+  )
+  big_idx, small_idx, out_idx = _indices(big_term), _indices(small_term), _indices(out_term)
   extents = _extents(big_term, big.shape) | _extents(small_term, small.shape)
-  big_idx, small_idx, out_idx = index[big_term], index[small_term], index[out_term]
   batch = [i for i in big_idx if i in out_idx and i in small_idx]
   contracted = [i for i in big_idx if i not in out_idx]
   rest = big_idx[len(batch) :]
-  free = [i for i in rest if i not in contracted]
-  small_free = [i for i in small_idx if i in out_idx and i not in batch]
   arranged = None
-  if math.prod(extents[i] for i in out_idx) > big.size or big_idx[: len(batch)] != batch:
-    pass
-  elif contracted and rest[len(rest) - len(contracted) :] == contracted:
-    arranged = (f"{big_term},{small_term}", (big, small), batch + free + small_free)
-  elif contracted and rest[: len(contracted)] == contracted:
-    arranged = (f"{small_term},{big_term}", (small, big), batch + small_free + free)
+  if (
+      contracted
+      and big_idx[: len(batch)] == batch
+      and math.prod(extents[i] for i in out_idx) <= big.size
+  ):
+    free = [i for i in rest if i not in contracted]
+    small_free = [i for i in small_idx if i in out_idx and i not in batch]
+    if rest[-len(contracted) :] == contracted:
+      arranged = (f"{big_term},{small_term}", (big, small), batch + free + small_free)
+    elif rest[: len(contracted)] == contracted:
+      arranged = (f"{small_term},{big_term}", (small, big), batch + small_free + free)
   if arranged is None:
-    return jnp.einsum(plain, x, y, preferred_element_type=jnp.float32)
+    return jnp.einsum(f"{x_term},{y_term}->{out_term}", x, y, preferred_element_type=jnp.float32)
   inputs, operands, natural = arranged
   natural = "".join(natural)
   result = jnp.einsum(f"{inputs}->{natural}", *operands, preferred_element_type=jnp.float32)
