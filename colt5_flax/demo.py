@@ -20,7 +20,8 @@ routers learn to find the facts and the question.
    logs are in `MODEL_DIR` and `MODEL_DIR/light_only`.
 
 Running it again resumes from the checkpoints in `MODEL_DIR`: a finished run is not
-retrained, only re-scored. Delete the directory to start over.
+retrained, only re-scored. Delete the directory to start over. SIGTERM saves a checkpoint
+and exits (`Stopped`) in the middle of any stage; the same command resumes that stage.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def _define_flags() -> None:
 
 DEMO_GIN_FILES = ("models/colt5_tiny.gin", "runs/demo.gin")
 BASELINE_GIN_FILE = "ablations/no_heavy_branch.gin"
+
+
+class Stopped(SystemExit):
+  """A stage's training returned before its last step: SIGTERM (or a preemption on several
+  hosts) made `train` save a checkpoint and return. The process exits there (status 1,
+  with this message): the next stage would otherwise start from that checkpoint with its
+  own settings. Running the same command again resumes the interrupted stage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +310,14 @@ def train_curriculum(
     gin.finalize()
     logging.info("Curriculum stage to step %d: %s", stage.last_step, stage)
     start = time.time()
-    train_fn()  # Returns the final state; the next stage restores the checkpoint.
+    state = train_fn()  # The next stage restores the checkpoint it saved.
     seconds += time.time() - start
+    if int(state.step) < stage.last_step:
+      raise Stopped(
+          f"Training stopped at step {int(state.step)}, before the end of the stage that "
+          f"ends at step {stage.last_step} (SIGTERM or a preemption); its checkpoint is in "
+          f"{model_dir}: run the same command again to resume"
+      )
   score_result = score_checkpoint(
       gin_files, model_dir, user_bindings, keep_params=keep_params, keep_routing=keep_routing
   )

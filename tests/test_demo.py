@@ -104,6 +104,34 @@ def test_curriculum_stages_end_at_their_share_of_train_steps():
     demo.curriculum(1, [(0.5, 8, 1, ()), (1.0, 8, 1, ())])
 
 
+def test_a_stage_stopped_by_sigterm_stops_the_curriculum(monkeypatch, tmp_path):
+  # `train` returns early when SIGTERM arrives (after saving a checkpoint); the demo must
+  # exit there, not start the next stage (another learning rate, task and length) from
+  # that checkpoint, and not score the half-trained model.
+  stages = [demo.Stage(4, 64, 2), demo.Stage(8, 128, 2)]
+  trained, scored = [], []
+
+  class State:
+    step = 3  # stopped one step before the first stage's end
+
+  def configured(function):
+    if function is demo.curriculum:
+      return lambda: stages
+    if function is train_lib.train:
+      return lambda: trained.append(len(trained)) or State()
+    raise AssertionError(f"unexpected {function}")
+
+  monkeypatch.setattr(demo, "_configure", lambda files, bindings: None)
+  monkeypatch.setattr(demo, "_configured", configured)
+  monkeypatch.setattr(demo, "score_checkpoint", lambda *args, **kwargs: scored.append(1))
+  monkeypatch.setattr(demo.gin, "finalize", lambda: None)
+  with pytest.raises(demo.Stopped, match="stopped at step 3, before the end of the stage "
+                     "that ends at step 4") as stopped:
+    demo.train_curriculum(["runs/demo.gin"], tmp_path, [])
+  assert trained == [0] and not scored
+  assert isinstance(stopped.value, SystemExit)  # the process exits with the message
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
   model_dir = tmp_path / "demo"
