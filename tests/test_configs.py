@@ -325,7 +325,7 @@ def _check_demo(kwargs, parts):
 
 def _check_demo_checkpoints(kwargs, parts):
   _check_demo(kwargs, parts)
-  assert kwargs["train_steps"] == 8000  # the shipped checkpoints' run (docs/demo.md)
+  assert kwargs["train_steps"] == 10000  # the shipped checkpoints' run (docs/demo.md)
 
 
 def _check_small_scale(kwargs, parts):

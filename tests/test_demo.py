@@ -40,15 +40,18 @@ def test_routed_indices_by_layer_reads_plain_and_scanned_stacks():
 @pytest.mark.parametrize(
     "files, stage, bindings, num_facts, num_values, input_length",
     [
-        # demo.gin's task: 16 facts, one per key, each after a marker; 4 in the first
-        # stage (64 tokens) and in the routers' stages.
-        ((), None, [], 16, 8, 2048),
-        ((), 0, [], 4, 8, 64),
-        ((), 1, [], 16, 8, 128),
-        ((), 2, [], 4, 8, 128),
-        ((), 3, [], 4, 8, 128),
-        ((), None, ["DEMO_NUM_FACTS = 3", "DEMO_NUM_VALUES = 5", "DEMO_INPUT_LENGTH = 512"],
-         3, 5, 512),
+        # demo.gin's task: 32 facts, one per key, each after a marker; 4 in the first
+        # stage (64 tokens: the live run's only stage) and in the routers' stages of the
+        # whole curriculum (128, then 512 tokens), which demo_checkpoints.gin selects.
+        ((), None, [], 32, 4, 2048),
+        ((), 0, [], 4, 4, 64),
+        (("runs/demo_checkpoints.gin",), 0, [], 4, 4, 64),
+        (("runs/demo_checkpoints.gin",), 1, [], 32, 4, 128),
+        (("runs/demo_checkpoints.gin",), 2, [], 4, 4, 128),
+        (("runs/demo_checkpoints.gin",), 3, [], 4, 4, 512),
+        (("runs/demo_checkpoints.gin",), 4, [], 4, 4, 512),
+        ((), None, ["DEMO_NUM_FACTS = 3", "DEMO_NUM_VALUES = 3", "DEMO_INPUT_LENGTH = 512"],
+         3, 3, 512),
         (("runs/small_scale.gin",), None, [], 4, 8, 2048),  # the study's task, unmarked
     ],
 )
@@ -141,10 +144,12 @@ def test_demo_end_to_end(tmp_path):
   command = [
       sys.executable, "-m", "colt5_flax.demo",
       f"--model_dir={model_dir}",
-      "--gin.TRAIN_STEPS=4",  # One step per curriculum stage.
+      # The whole curriculum (make demo trains its first stage), one step per stage.
+      "--gin.demo_script.curriculum.stages=%DEMO_CURRICULUM",
+      "--gin.TRAIN_STEPS=5",
       "--gin.WARMUP_STEPS=1",
       "--gin.EVAL_PERIOD=1",
-      "--gin.CHECKPOINT_PERIOD=4",
+      "--gin.CHECKPOINT_PERIOD=5",
       "--gin.EVAL_NUM_EXAMPLES=4",
       "--gin.DEMO_EVAL_LENGTH=256",
       "--gin.DEMO_EVAL_BATCH_SIZE=2",
@@ -155,8 +160,8 @@ def test_demo_end_to_end(tmp_path):
                           timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   summary = json.loads((model_dir / "summary.json").read_text())
-  assert summary["steps"] == 4 and summary["steps_this_run"] == 4
-  assert summary["eval_length"] == 256 and summary["chance_accuracy"] == 1 / 8
+  assert summary["steps"] == 5 and summary["steps_this_run"] == 5
+  assert summary["eval_length"] == 256 and summary["chance_accuracy"] == 1 / 4
   # 4 examples: each fraction is a multiple of 1/4.
   assert summary["accuracy"] * 4 == round(summary["accuracy"] * 4)
   assert summary["question_recall"] * 4 == round(summary["question_recall"] * 4)
@@ -165,13 +170,14 @@ def test_demo_end_to_end(tmp_path):
   assert summary["router_recall_by_layer"][-1] == summary["router_recall"]
   # The routers' real capacity at 256 tokens: m = 16 queries, 2m = 32 keys/values.
   assert summary["chance"] == {"router_recall": 32 / 256, "question_recall": 16 / 256}
-  assert summary["baseline"]["steps"] == 4 and 0.0 <= summary["baseline"]["accuracy"] <= 1.0
+  assert summary["baseline"]["steps"] == 5 and 0.0 <= summary["baseline"]["accuracy"] <= 1.0
   # One training-loss point per step and one evaluation per step, at each stage's length.
   curves = summary["learning_curves"]
-  assert [step for step, _ in curves["CoLT5-tiny"]["loss"]] == [1, 2, 3, 4]
-  assert [step for step, _ in curves["light branch only"]["exact_match"]] == [1, 2, 3, 4]
+  assert [step for step, _ in curves["CoLT5-tiny"]["loss"]] == [1, 2, 3, 4, 5]
+  assert [step for step, _ in curves["light branch only"]["exact_match"]] == [1, 2, 3, 4, 5]
   eval_log = (model_dir / "eval_metrics.jsonl").read_text()
   assert "associative_recall_demo_64/" in eval_log and "associative_recall_demo_128/" in eval_log
+  assert "associative_recall_demo_512/" in eval_log
   for name in ("routing.png", "learning.png"):
     assert (model_dir / name).read_bytes().startswith(b"\x89PNG")
   assert (model_dir / "config.gin").exists() and (model_dir / "train_metrics.jsonl").exists()
@@ -179,8 +185,8 @@ def test_demo_end_to_end(tmp_path):
 
   # The run exported its parameters as the shipped checkpoints are (demo_checkpoints.py).
   exported = json.loads((tmp_path / "export" / "colt5_tiny" / "metadata.json").read_text())
-  assert exported["steps"] == 4 and exported["scores"]["accuracy"] == summary["accuracy"]
-  assert exported["num_params"] > 0 and "--gin.TRAIN_STEPS=4" in exported["command"]
+  assert exported["steps"] == 5 and exported["scores"]["accuracy"] == summary["accuracy"]
+  assert exported["num_params"] > 0 and "--gin.TRAIN_STEPS=5" in exported["command"]
 
   # A second run resumes: nothing left to train, the results are rewritten; it scores the
   # exported checkpoints as `make demo` scores the shipped ones, with the same results.
@@ -190,11 +196,11 @@ def test_demo_end_to_end(tmp_path):
                          timeout=900)
   assert again.returncode == 0, again.stderr[-4000:]
   again_summary = json.loads((model_dir / "summary.json").read_text())
-  assert again_summary["steps"] == 4 and again_summary["steps_this_run"] == 0
-  assert "resumed at step 4; 0 trained in this run" in again.stdout
+  assert again_summary["steps"] == 5 and again_summary["steps_this_run"] == 0
+  assert "resumed at step 5; 0 trained in this run" in again.stdout
   shipped = again_summary["shipped"]
   for name in ("accuracy", "router_recall", "question_recall"):
     assert shipped["colt5_tiny"][name] == summary[name]
   assert shipped["light_only"]["accuracy"] == summary["baseline"]["accuracy"]
-  assert shipped["colt5_tiny"]["trained"]["steps"] == 4
-  assert "Shipped colt5_tiny (4 steps" in again.stdout
+  assert shipped["colt5_tiny"]["trained"]["steps"] == 5
+  assert "Shipped colt5_tiny (5 steps" in again.stdout
