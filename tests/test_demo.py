@@ -140,21 +140,17 @@ def test_demo_end_to_end(tmp_path):
   model_dir = tmp_path / "demo"
   # One device; XLA's backend unoptimised: this checks the pipeline, and compiling is
   # most of its time.
+  # The second run below reads the first one's executables from the suite's persistent
+  # compilation cache (conftest.py), which the environment names.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-  # The second run below compiles the first one's scoring again: a shared persistent
-  # cache hands it the executables.
-  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   command = [
       sys.executable, "-m", "colt5_flax.demo",
       f"--model_dir={model_dir}",
       # Two stages (make demo trains the first; test_demo_task_knobs_reach_the_task_and_the_
       # lengths checks every stage of the whole one): the first, then a routers' stage,
       # each compiled for both models, which is most of this test's time.
-      "--gin.demo_script.curriculum.stages=[(0.4, 64, 4, %DEMO_STAGE1_BINDINGS), (1.0, 128, 4, "
-      "('routing.RoutingCapacity.train_capacity_factor = %DEMO_TRAIN_CAPACITY_FACTOR', "
-      "'ROUTED_KV_RATIO = %DEMO_ROUTED_KV_RATIO'))]",
+      "--gin.demo_script.curriculum.stages="
+      "[(0.4, 64, 4, %DEMO_STAGE1_BINDINGS), (1.0, 128, 4, %DEMO_ROUTERS_BINDINGS)]",
       "--gin.TRAIN_STEPS=5",
       "--gin.WARMUP_STEPS=1",
       "--gin.EVAL_PERIOD=1",
