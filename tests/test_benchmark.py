@@ -62,6 +62,7 @@ def test_json_has_every_case_and_field(tiny_report):
         "tiny", "fwd", 1, "float32"
     )
     assert row["ms"] > 0 and row["compile_s"] > 0 and row["peak_mem_mb"] > 0
+    assert 0 <= row["kernel_ms"] <= row["cpu_ms"] and row["page_faults"] >= 0
     # achieved = flops / time, in GFLOP/s.
     assert row["achieved_gflops"] == pytest.approx(row["flops"] / (row["ms"] / 1e3) / 1e9)
 
@@ -109,6 +110,36 @@ def test_table_and_plot(tiny_report):
   assert len(table) >= 8
   with open(out / "report.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timed_call_counts_the_pages_a_run_first_touches():
+  """One minor fault per fresh page written: an anonymous mapping of 2048 pages (never
+  huge pages: nothing asks for them), one byte written per page."""
+  import mmap
+
+  sys.path.insert(0, SCRIPTS)
+  try:
+    from benchmarking import measure
+  finally:
+    sys.path.pop(0)
+  pages = 2048
+
+  def touch_fresh_pages():
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as memory:
+      for page in range(pages):
+        memory[page * mmap.PAGESIZE] = 1
+
+  fresh = measure.timed_call(touch_fresh_pages)
+  assert pages <= fresh.faults < pages + 200  # + the interpreter's own few
+  assert 0 <= fresh.kernel <= fresh.cpu
+  # The same writes to pages touched before the timed call (payload made before it too).
+  payload = b"\2" * (pages * mmap.PAGESIZE)
+  with mmap.mmap(-1, len(payload)) as memory:
+    memory.write(payload)
+    memory.seek(0)
+    again = measure.timed_call(lambda: memory.write(payload))
+    assert again.faults < 200
+    assert memory[:: mmap.PAGESIZE] == b"\2" * pages
 
 
 def test_isolated_case_skips_what_does_not_fit(tmp_path):
@@ -207,6 +238,7 @@ def test_whole_model_json_has_every_case_and_field(whole_model_report):
     assert (row["length"], row["batch"], row["width"]) == (64, 2, "tiny")
     assert row["mode"] == ("fwd_bwd" if scope == "train_step" else "fwd")
     assert row["ms"] > 0 and row["compile_s"] > 0 and row["peak_mem_mb"] > 0
+    assert 0 <= row["kernel_ms"] <= row["cpu_ms"] and row["page_faults"] >= 0
     # samples/s = batch / time.
     assert row["samples_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
     if scope == "train_step":

@@ -23,27 +23,58 @@ def time_runs(
   """Warm-up runs, then up to `repeats` timed runs within `max_case_s` (at least one).
 
   `run()` must block until its results are ready. Returns the median and all times (ms)
-  and the process CPU time per run (ms, all threads): a second view of the cost that
-  other programs on a shared machine disturb less than wall time.
+  and, per run (medians), the process CPU time (ms, all threads: a second view of the
+  cost that other programs on a shared machine disturb less than wall time), the part of
+  it spent in the kernel and the minor page faults. Buffers the size of a layer's
+  activations come from fresh pages in every run when the allocator returns them to the
+  system after each (glibc does for blocks over 32 MiB), and each page faults on first
+  touch: on the virtual machine of docs/benchmarks.md that was a seventh of CoLT5's
+  layer's CPU time, and more of PyTorch's.
   """
   warm = []
   for _ in range(max(warmup, 0)):
     start = time.perf_counter()
     run()
     warm.append(time.perf_counter() - start)
-  times, cpu = [], []
+  runs = []
   for i in range(max(repeats, 1)):
-    if i and sum(times) + times[-1] > max_case_s:
+    if i and sum(r.wall for r in runs) + runs[-1].wall > max_case_s:
       break
-    cpu_start, start = time.process_time(), time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - cpu_start)
+    runs.append(timed_call(run))
   return {
-      "ms": 1e3 * statistics.median(times),
-      "ms_runs": [round(1e3 * t, 3) for t in times],
+      "ms": 1e3 * statistics.median(r.wall for r in runs),
+      "ms_runs": [round(1e3 * r.wall, 3) for r in runs],
       "warmup_ms": [round(1e3 * t, 3) for t in warm],
-      "cpu_ms": 1e3 * statistics.median(cpu),
+  } | usage_medians(runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+  """One call's wall time and this process's CPU time, kernel time (s) and minor page
+  faults over it."""
+
+  wall: float
+  cpu: float
+  kernel: float
+  faults: int
+
+
+def timed_call(run: Callable[[], Any]) -> Usage:
+  """Calls `run()` and measures it (`Usage`)."""
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  cpu_start, start = time.process_time(), time.perf_counter()
+  run()
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return Usage(wall, cpu, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
+
+
+def usage_medians(runs: list[Usage]) -> dict[str, float]:
+  """Per-run medians of the CPU time and kernel time (ms) and the minor page faults."""
+  return {
+      "cpu_ms": 1e3 * statistics.median(r.cpu for r in runs),
+      "kernel_ms": 1e3 * statistics.median(r.kernel for r in runs),
+      "page_faults": statistics.median(r.faults for r in runs),
   }
 
 
@@ -174,12 +205,14 @@ def matmul_gflops_now(dtype: str, side: int = 2048, repeats: int = 3) -> float:
 
 
 def machine() -> dict[str, Any]:
-  """Platform, processor model, CPU count and total memory, for the report."""
+  """Platform, processor model, CPU count, total memory and the allocator's settings
+  (`GLIBC_TUNABLES`, docs/benchmarks.md), for the report."""
   return {
       "platform": platform.platform(),
       "processor": _cpu_model(),
       "cpu_count": os.cpu_count(),
       "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
 
 

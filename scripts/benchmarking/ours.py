@@ -165,27 +165,29 @@ def run_interleaved(group: list[Case]) -> list[dict[str, Any]]:
         run_part()
   matmul_now = [measure.matmul_gflops_now(first.dtype, first.matmul_size or 2048)]
   times: list[list[float]] = [[] for _ in active]
+  usages: list[list[measure.Usage]] = [[] for _ in active]
   part_times: list[dict[str, list[float]]] = [{name: [] for name in p} for *_, p in active]
   for round_index in range(max(first.repeats, 1)):
-    for (_, _, run, parts), case_times, case_part_times in zip(
-        active, times, part_times, strict=True
+    for (_, _, run, parts), case_times, case_usages, case_part_times in zip(
+        active, times, usages, part_times, strict=True
     ):
-      for name, timed in [(None, run), *parts.items()]:
+      case_usages.append(measure.timed_call(run))
+      case_times.append(case_usages[-1].wall)
+      for name, timed in parts.items():
         start = time.perf_counter()
         timed()
-        (case_times if name is None else case_part_times[name]).append(
-            time.perf_counter() - start
-        )
+        case_part_times[name].append(time.perf_counter() - start)
     spent = sum(sum(t) for t in times)
     if spent / (round_index + 1) * (round_index + 2) > first.max_case_s * len(active):
       break
   matmul_now.append(measure.matmul_gflops_now(first.dtype, first.matmul_size or 2048))
   names = [case.model_name for case, *_ in active]
-  for (case, row, _, _), case_times, case_part_times in zip(
-      active, times, part_times, strict=True
+  for (case, row, _, _), case_times, case_usages, case_part_times in zip(
+      active, times, usages, part_times, strict=True
   ):
     row["matmul_gflops_now"] = statistics.mean(matmul_now)
     row["ms"] = 1e3 * statistics.median(case_times)
+    row |= measure.usage_medians(case_usages)
     row["ms_runs"] = [round(1e3 * t, 3) for t in case_times]
     for name, timed in case_part_times.items():
       row[f"{name}_ms"] = 1e3 * statistics.median(timed)

@@ -7,12 +7,14 @@ from benchmarking import cases
 
 def format_table(rows: list[dict]) -> str:
   """One row per case. `samples/s` is batch / time; `enc %` the encoder's share of an
-  inference case's end-to-end time (the decoder has the rest)."""
+  inference case's end-to-end time (the decoder has the rest); `kernel %` the share of
+  the process's CPU time spent in the kernel during the timed runs, mostly the first
+  touch of freshly allocated pages (`measure.time_runs`)."""
   header = (
       "| scope | model | mode | length | batch | ms | µs/token | samples/s | enc % "
-      "| compile s | peak MiB | GFLOP | GFLOP/s | % peak | % peak now | note |"
+      "| kernel % | compile s | peak MiB | GFLOP | GFLOP/s | % peak | % peak now | note |"
   )
-  lines = [header, "|" + "|".join("---" for _ in range(16)) + "|"]
+  lines = [header, "|" + "|".join("---" for _ in range(17)) + "|"]
   lines += [format_row(row) for row in rows]
   return "\n".join(lines)
 
@@ -25,11 +27,16 @@ def format_row(row: dict) -> str:
     value = row.get(key)
     return number(None if value is None else 100 * value, ".0f")
 
+  kernel = None
+  if row.get("kernel_ms") is not None and row.get("cpu_ms"):
+    kernel = 100 * row["kernel_ms"] / row["cpu_ms"]
+
   return (
       f"| {row['scope']} | {row['model']} | {row['mode']} | {row['length']} "
       f"| {row['batch']} | {number(row['ms'], '.1f')} "
       f"| {number(row.get('us_per_token'), '.1f')} "
       f"| {number(row.get('samples_per_s'), '.2f')} | {percent('encoder_share')} "
+      f"| {number(kernel, '.0f')} "
       f"| {number(row['compile_s'], '.1f')} | {number(row['peak_mem_mb'], '.0f')} "
       f"| {row['flops'] / 1e9:.1f} | {number(row['achieved_gflops'], '.1f')} "
       f"| {percent('fraction_of_peak')} | {percent('fraction_of_peak_now')} | {row['note']} |"
