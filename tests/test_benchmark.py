@@ -112,6 +112,28 @@ def test_table_and_plot(tiny_report):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interleaved_rows_from_their_rounds(tmp_path):
+  """--interleave times the kinds of a length in turns, in one process: each row's median,
+  CPU and kernel times, and its paired ratios (the median of the round-by-round ratios of
+  the two kinds' times), recomputed here from the rounds it reports."""
+  done = _run(
+      tmp_path, "--width=tiny", "--scopes=layer", "--kinds=colt5,longt5_local", "--lengths=256",
+      "--mode=fwd", "--repeats=3", "--warmup=0", "--interleave", "--matmul_size=256",
+      f"--json={tmp_path / 'report.json'}",
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(tmp_path / "report.json", encoding="utf-8") as f:
+    rows = {row["model"]: row for row in json.load(f)["results"]}
+  assert set(rows) == {"colt5", "longt5_local"}
+  for name, row in rows.items():
+    assert row["interleaved"] and len(row["ms_runs"]) == 3
+    assert row["ms"] == pytest.approx(sorted(row["ms_runs"])[1], abs=1e-3)
+    assert 0 <= row["kernel_ms"] <= row["cpu_ms"] and row["page_faults"] >= 0
+    (other,) = set(rows) - {name}
+    ratios = sorted(a / b for a, b in zip(row["ms_runs"], rows[other]["ms_runs"], strict=True))
+    assert row["paired_ratios"] == {other: pytest.approx(ratios[1], rel=1e-3)}
+
+
 def test_timed_call_counts_the_pages_a_run_first_touches():
   """One minor fault per fresh page written: an anonymous mapping of 2048 pages (never
   huge pages: nothing asks for them), one byte written per page."""

@@ -61,12 +61,13 @@ class Usage:
 
 def timed_call(run: Callable[[], Any]) -> Usage:
   """Calls `run()` and measures it (`Usage`)."""
-  before = resource.getrusage(resource.RUSAGE_SELF)
-  cpu_start, start = time.process_time(), time.perf_counter()
+  before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   run()
-  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-  after = resource.getrusage(resource.RUSAGE_SELF)
-  return Usage(wall, cpu, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
+  wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+  kernel = after.ru_stime - before.ru_stime
+  # CPU time from the same two readings as the kernel's part of it (user + kernel).
+  cpu = after.ru_utime - before.ru_utime + kernel
+  return Usage(wall, cpu, kernel, after.ru_minflt - before.ru_minflt)
 
 
 def usage_medians(runs: list[Usage]) -> dict[str, float]:

@@ -164,24 +164,23 @@ def run_interleaved(group: list[Case]) -> list[dict[str, Any]]:
       for run_part in parts.values():
         run_part()
   matmul_now = [measure.matmul_gflops_now(first.dtype, first.matmul_size or 2048)]
-  times: list[list[float]] = [[] for _ in active]
   usages: list[list[measure.Usage]] = [[] for _ in active]
   part_times: list[dict[str, list[float]]] = [{name: [] for name in p} for *_, p in active]
   for round_index in range(max(first.repeats, 1)):
-    for (_, _, run, parts), case_times, case_usages, case_part_times in zip(
-        active, times, usages, part_times, strict=True
+    for (_, _, run, parts), case_usages, case_part_times in zip(
+        active, usages, part_times, strict=True
     ):
       case_usages.append(measure.timed_call(run))
-      case_times.append(case_usages[-1].wall)
       for name, timed in parts.items():
         start = time.perf_counter()
         timed()
         case_part_times[name].append(time.perf_counter() - start)
-    spent = sum(sum(t) for t in times)
+    spent = sum(usage.wall for case_usages in usages for usage in case_usages)
     if spent / (round_index + 1) * (round_index + 2) > first.max_case_s * len(active):
       break
   matmul_now.append(measure.matmul_gflops_now(first.dtype, first.matmul_size or 2048))
   names = [case.model_name for case, *_ in active]
+  times = [[usage.wall for usage in case_usages] for case_usages in usages]
   for (case, row, _, _), case_times, case_usages, case_part_times in zip(
       active, times, usages, part_times, strict=True
   ):
